@@ -1,0 +1,1 @@
+"""The HTTP API: Litestar app, authentication, one module per resource, and the event stream."""

@@ -1,0 +1,97 @@
+"""The Litestar application: routes, dependencies, error mapping and the process lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+from litestar import Litestar, Response, get
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from iiq import __version__
+from iiq.api.auth import provide_org_conn, provide_principal, provide_runtime
+from iiq.api.errors import handle_iiq_error, handle_postgres_error, handle_unexpected_error
+from iiq.api.experiments import ExperimentController
+from iiq.api.resources import list_tools, read_artifact, read_quota
+from iiq.api.stream import stream_events
+from iiq.errors import IIQError
+from iiq.runtime import Runtime, open_runtime, run_worker
+from iiq.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Bodies above this are answered with 413; an experiment request is a few kilobytes.
+MAX_BODY_BYTES = 1_000_000
+
+
+@get("/health/live", tags=["health"], summary="Liveness: the process answers", include_in_schema=True)
+async def live() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/health/ready", tags=["health"], summary="Readiness: Postgres, LISTEN connection and worker are healthy")
+async def ready(state: State) -> Response[dict[str, Any]]:
+    runtime: Runtime = state.runtime
+    checks: dict[str, str] = {}
+    try:
+        async with runtime.pool.acquire(timeout=2) as conn:
+            await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout=2)
+        checks["postgres"] = "ok"
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        checks["postgres"] = f"failed: {type(exc).__name__}"
+    if runtime.hub is not None:
+        checks["listen"] = "ok" if runtime.hub.connected else "disconnected"
+    worker: asyncio.Task[None] | None = state.get("worker_task")
+    if worker is not None:
+        checks["worker"] = "ok" if not worker.done() else "stopped"
+    healthy = all(value == "ok" for value in checks.values())
+    return Response({"status": "ok" if healthy else "unhealthy", "checks": checks}, status_code=200 if healthy else 503)
+
+
+@get("/metrics", tags=["health"], summary="Prometheus metrics", media_type=CONTENT_TYPE_LATEST)
+async def metrics_route() -> Response[bytes]:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(settings: Settings, *, with_worker: bool = True) -> Litestar:
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with open_runtime(settings) as runtime:
+            app.state.runtime = runtime
+            stop = asyncio.Event()
+            app.state.worker_stop = stop
+            worker = asyncio.create_task(run_worker(runtime, stop=stop)) if with_worker else None
+            app.state.worker_task = worker
+            logger.info("iiq started", extra={"worker": with_worker, "version": __version__})
+            try:
+                yield
+            finally:
+                stop.set()
+                if worker is not None:
+                    await worker
+                logger.info("iiq stopped")
+
+    return Litestar(
+        route_handlers=[ExperimentController, stream_events, read_quota, list_tools, read_artifact, live, ready,
+                        metrics_route],
+        dependencies={
+            "runtime": Provide(provide_runtime, sync_to_thread=False),
+            "principal": Provide(provide_principal),
+            "conn": Provide(provide_org_conn),
+        },
+        exception_handlers={
+            IIQError: handle_iiq_error,
+            asyncpg.PostgresError: handle_postgres_error,
+            Exception: handle_unexpected_error,
+        },
+        lifespan=[lifespan],
+        openapi_config=OpenAPIConfig(title="iiq", version=__version__, path="/schema"),
+        request_max_body_size=MAX_BODY_BYTES,
+    )

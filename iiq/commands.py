@@ -1,0 +1,103 @@
+"""What each `iiq` sub-command does; `iiq.cli` parses the arguments."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from typing import Any
+
+import uvicorn
+
+from iiq import orgs as org_store
+from iiq.db.pool import connect_admin
+from iiq.db.tx import set_bypass
+from iiq.experiments import quota as quota_store
+from iiq.runtime import open_runtime, resolve_dsn, run_migrations, run_worker
+from iiq.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def serve(settings: Settings, args: argparse.Namespace) -> int:
+    from iiq.api.app import create_app
+
+    app = create_app(settings, with_worker=not args.no_worker)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_config=None, access_log=False,
+        timeout_graceful_shutdown=int(settings.cancel_grace_seconds) + 1,
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+async def worker(settings: Settings, args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with open_runtime(settings, listen=False) as runtime:
+        await run_worker(runtime, stop=stop)
+
+
+async def migrate(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    applied = await run_migrations(await resolve_dsn(settings))
+    return {"applied": ", ".join(applied) or "nothing: the database is up to date"}
+
+
+async def _admin(settings: Settings) -> Any:
+    dsn = await resolve_dsn(settings)
+    if settings.embedded:
+        await run_migrations(dsn)
+    return await connect_admin(dsn)
+
+
+async def orgs(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    conn = await _admin(settings)
+    try:
+        async with conn.transaction():
+            org = await org_store.create_org(
+                conn, args.name, monthly_gpu_hours=settings.default_monthly_gpu_hours,
+                max_concurrent=settings.default_max_concurrent, now=quota_store.utc_now(),
+            )
+    finally:
+        await conn.close()
+    return {"org_id": str(org["id"]), "name": org["name"], "monthly_gpu_hours": settings.default_monthly_gpu_hours,
+            "max_concurrent": settings.default_max_concurrent}
+
+
+async def keys(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    conn = await _admin(settings)
+    try:
+        async with conn.transaction():
+            if args.action == "create":
+                key = await org_store.create_key(conn, args.org, args.name)
+                return {"key_id": str(key.id), "org_id": str(key.org_id), "name": key.name, "api_key": key.secret,
+                        "note": "the key is shown only now: store it"}
+            row = await org_store.revoke_key(conn, args.key_id)
+            return {"key_id": str(row["id"]), "org_id": str(row["org_id"]), "name": row["name"],
+                    "revoked_at": row["revoked_at"].isoformat()}
+    finally:
+        await conn.close()
+
+
+async def quota(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    if args.monthly_gpu_hours is None and args.max_concurrent is None:
+        raise SystemExit("iiq quota set: give --monthly-gpu-hours, --max-concurrent or both")
+    conn = await _admin(settings)
+    try:
+        async with conn.transaction():
+            await set_bypass(conn)
+            row = await quota_store.update_limits(conn, args.org, args.monthly_gpu_hours, args.max_concurrent)
+    finally:
+        await conn.close()
+    return {"org_id": str(row["org_id"]), "monthly_gpu_hours": row["monthly_gpu_hours"],
+            "max_concurrent": row["max_concurrent"], "used_gpu_hours": row["used_gpu_hours"],
+            "month_resets_at": row["month_resets_at"].isoformat()}
+
+
+async def demo(settings: Settings, args: argparse.Namespace) -> int | None:
+    from iiq.demo import run_demo
+
+    return await run_demo(settings, args.port)

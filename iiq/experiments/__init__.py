@@ -1,0 +1,1 @@
+"""Experiments: the tool registry, the run context, states, the runner, quota and events."""

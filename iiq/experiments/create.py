@@ -1,0 +1,116 @@
+"""Creating an experiment: validate, estimate, admit under quota, insert, defer, mark queued.
+
+All of it runs in the caller's transaction, so a refusal or an error leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from iiq.db.queries import query
+from iiq.errors import QuotaExceeded, UnknownToolError, ValidationFailed
+from iiq.experiments import lifecycle, metrics, quota
+from iiq.experiments.events import EventBus, append_event
+from iiq.experiments.registry import ToolHandler, all_handlers, get_handler
+from iiq.experiments.states import GOALS, STATUS_EVENT
+from iiq.orgs import Principal
+from iiq.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+Defer = Callable[[asyncpg.Connection, uuid.UUID], Awaitable[int]]
+
+MAX_GPU_COUNT = 64
+_MAX_TEXT = 200
+
+
+def _check_target(target: dict[str, Any], goal: str | None) -> list[str]:
+    errors = []
+    for key in ("model_id", "hardware"):
+        value = target.get(key)
+        if not isinstance(value, str) or not value.strip():
+            errors.append(f"target.{key} is required: a non-empty string such as "
+                          f"{'meta-llama/Llama-3.1-8B-Instruct' if key == 'model_id' else 'H100-SXM'}")
+        elif len(value) > _MAX_TEXT:
+            errors.append(f"target.{key} is {len(value)} characters long; the maximum is {_MAX_TEXT}")
+    gpu_count = target.get("gpu_count", 1)
+    if isinstance(gpu_count, bool) or not isinstance(gpu_count, int) or not 1 <= gpu_count <= MAX_GPU_COUNT:
+        errors.append(f"target.gpu_count must be an integer from 1 to {MAX_GPU_COUNT}, got {gpu_count!r}")
+    if goal is not None and goal not in GOALS:
+        errors.append(f"goal {goal!r} is not valid: use one of {', '.join(GOALS)} or null")
+    return errors
+
+
+def validate_and_estimate(handler: ToolHandler, target: dict[str, Any], input_config: dict[str, Any],
+                          goal: str | None) -> float:
+    """Run the engine's and the tool's checks; return the estimate or raise with every error."""
+    errors = _check_target(target, goal)
+    cfg = {**input_config, "target": target}
+    try:
+        errors.extend(handler.validate(cfg))
+    except Exception as exc:  # a tool's bug must not become a 500 without a message
+        logger.exception("tool validate raised", extra={"tool_id": handler.tool_id})
+        errors.append(f"tool {handler.tool_id} could not validate this input ({type(exc).__name__}: {exc})")
+    if errors:
+        raise ValidationFailed(errors)
+
+    try:
+        estimate = float(handler.estimate_cost(cfg))
+    except Exception as exc:
+        logger.exception("tool estimate_cost raised", extra={"tool_id": handler.tool_id})
+        raise ValidationFailed([f"tool {handler.tool_id} could not estimate the cost of this input "
+                                f"({type(exc).__name__}: {exc})"]) from exc
+    if not math.isfinite(estimate) or estimate < 0:
+        raise ValidationFailed([f"tool {handler.tool_id} estimated {estimate} GPU-hours; expected a finite number >= 0"])
+    return estimate
+
+
+async def create_experiment(
+    conn: asyncpg.Connection,
+    bus: EventBus,
+    defer: Defer,
+    settings: Settings,
+    principal: Principal,
+    *,
+    tool_id: str,
+    target: dict[str, Any],
+    input_config: dict[str, Any],
+    goal: str | None,
+    now: datetime,
+) -> asyncpg.Record:
+    handler = get_handler(tool_id)
+    if handler is None:
+        raise UnknownToolError(tool_id, [h.tool_id for h in all_handlers()])
+    estimate = validate_and_estimate(handler, target, input_config, goal)
+
+    try:
+        await quota.admit(conn, principal.org_id, estimate, now)
+    except QuotaExceeded as exc:
+        metrics.experiment_quota_rejections_total.labels(exc.reason).inc()
+        raise
+
+    gpu_count = int(target.get("gpu_count", 1)) if handler.uses_gpu else 0
+    timeout = handler.timeout_seconds or settings.default_timeout_seconds
+    experiment_id = uuid.uuid4()
+    row = await conn.fetchrow(
+        query("insert_experiment"), experiment_id, principal.org_id, tool_id, target, input_config, goal,
+        estimate, gpu_count, timeout, principal.created_by,
+    )
+    # Nobody can follow the experiment before this transaction commits, so the pending event
+    # needs no notification of its own: the one for `queued` wakes readers for both.
+    await append_event(conn, experiment_id, STATUS_EVENT, row["status"], {"status": row["status"]},
+                       max_payload_bytes=settings.max_event_payload_bytes)
+    job_id = await defer(conn, experiment_id)
+    row = await lifecycle.mark_queued(conn, bus, experiment_id, job_id)
+
+    metrics.experiments_created_total.labels(tool_id).inc()
+    logger.info("experiment created", extra={"experiment_id": str(experiment_id), "org_id": str(principal.org_id),
+                                             "tool_id": tool_id, "job_id": job_id})
+    return row

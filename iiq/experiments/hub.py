@@ -1,0 +1,167 @@
+"""The in-process fan-out of event notifications: one LISTEN connection for all streams.
+
+Notifications carry ``<experiment_id>:<seq>`` only. The hub wakes the subscribers of that
+experiment, and each re-reads its new rows under its own org. A wake-up is a flag, not a
+queue, so a slow client costs one flag however many events it has not read yet. When the
+LISTEN connection is lost, notifications sent meanwhile are lost too: after reconnecting the
+hub wakes every subscriber, and each re-reads from its last delivered sequence number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+from prometheus_client import Counter, Gauge
+
+from iiq.experiments.events import EVENTS_CHANNEL
+
+logger = logging.getLogger(__name__)
+
+listen_reconnects_total = Counter(
+    "experiment_listen_reconnects", "Times the LISTEN connection of this process was re-established."
+)
+open_streams = Gauge("experiment_open_streams", "Event streams open in this process.")
+
+Connect = Callable[[], Awaitable[asyncpg.Connection]]
+
+
+class Subscription:
+    def __init__(self, hub: EventHub, experiment_id: uuid.UUID) -> None:
+        self.hub = hub
+        self.experiment_id = experiment_id
+        self._wake = asyncio.Event()
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait for a wake-up; False when `timeout` seconds passed without one."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            return False
+        self._wake.clear()
+        return True
+
+    def close(self) -> None:
+        self.hub.unsubscribe(self)
+
+
+class EventHub:
+    def __init__(self, connect: Connect, *, health_check_seconds: float = 10.0, max_backoff_seconds: float = 5.0) -> None:
+        self._connect = connect
+        self._health_check_seconds = health_check_seconds
+        self._max_backoff_seconds = max_backoff_seconds
+        self._subscribers: dict[uuid.UUID, set[Subscription]] = {}
+        self._conn: asyncpg.Connection | None = None
+        self._lost = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed()
+
+    def subscriber_count(self) -> int:
+        return sum(len(subs) for subs in self._subscribers.values())
+
+    def subscribe(self, experiment_id: uuid.UUID) -> Subscription:
+        subscription = Subscription(self, experiment_id)
+        self._subscribers.setdefault(experiment_id, set()).add(subscription)
+        open_streams.inc()
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        subs = self._subscribers.get(subscription.experiment_id)
+        if subs is None or subscription not in subs:
+            return
+        subs.discard(subscription)
+        open_streams.dec()
+        if not subs:
+            del self._subscribers[subscription.experiment_id]
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="iiq-event-hub")
+        await asyncio.wait_for(self._ready.wait(), timeout=30)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._close_connection()
+
+    def _on_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        experiment_part, _, _seq = payload.partition(":")
+        try:
+            experiment_id = uuid.UUID(experiment_part)
+        except ValueError:
+            logger.warning("malformed event notification ignored", extra={"payload": payload[:100]})
+            return
+        for subscription in self._subscribers.get(experiment_id, ()):
+            subscription.notify()
+
+    def _on_termination(self, _conn: Any) -> None:
+        self._lost.set()
+
+    def _wake_all(self) -> None:
+        for subs in self._subscribers.values():
+            for subscription in subs:
+                subscription.notify()
+
+    async def _open(self) -> None:
+        conn = await self._connect()
+        conn.add_termination_listener(self._on_termination)
+        await conn.add_listener(EVENTS_CHANNEL, self._on_notification)
+        self._conn = conn
+        self._lost.clear()
+
+    async def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            conn.terminate()
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        first = True
+        while True:
+            try:
+                await self._open()
+            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                logger.warning("LISTEN connection failed; retrying", extra={"error": repr(exc), "retry_in_s": backoff})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._max_backoff_seconds)
+                continue
+            if first:
+                logger.info("LISTEN connection open", extra={"channel": EVENTS_CHANNEL})
+                first = False
+                self._ready.set()
+            else:
+                listen_reconnects_total.inc()
+                logger.warning("LISTEN connection re-established", extra={"channel": EVENTS_CHANNEL})
+            backoff = 0.1
+            # Anything notified while the connection was down was lost: everyone re-reads.
+            self._wake_all()
+            await self._watch()
+            await self._close_connection()
+
+    async def _watch(self) -> None:
+        """Return when the connection is lost; a periodic query finds half-open TCP links."""
+        while True:
+            try:
+                await asyncio.wait_for(self._lost.wait(), timeout=self._health_check_seconds)
+                logger.warning("LISTEN connection lost", extra={"channel": EVENTS_CHANNEL})
+                return
+            except TimeoutError:
+                pass
+            try:
+                if self._conn is None:
+                    return
+                await asyncio.wait_for(self._conn.fetchval("SELECT 1"), timeout=self._health_check_seconds)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                logger.warning("LISTEN connection failed its health check", extra={"error": repr(exc)})
+                return

@@ -1,0 +1,209 @@
+"""`run_experiment`: run one experiment's handler and write exactly one terminal state.
+
+The runner supervises the handler task: it enforces the soft time limit, watches the row
+for a cancel request and, once the grace period after such a request is over, cancels the
+task. Whatever happens, one guarded terminal UPDATE wins; a losing one (for example a
+timeout racing `save_results`) is logged and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from iiq.db.queries import query
+from iiq.db.tx import service_transaction
+from iiq.errors import InvalidTransitionError
+from iiq.experiments import lifecycle, metrics
+from iiq.experiments.context import ExperimentContext
+from iiq.experiments.events import EventBus, append_event
+from iiq.experiments.quota import utc_now
+from iiq.experiments.registry import get_handler
+from iiq.experiments.states import Status
+from iiq.settings import Settings, load_settings
+
+logger = logging.getLogger(__name__)
+
+# Event types the engine writes itself; a handler emitting them would confuse streams.
+RESERVED_EVENT_TYPES = frozenset({"status", "cancel_requested"})
+
+
+class _RunBackend:
+    """The runner's side of an `ExperimentContext`."""
+
+    def __init__(self, db: asyncpg.Pool, bus: EventBus, row: asyncpg.Record, settings: Settings,
+                 clock: Callable[[], datetime]) -> None:
+        self._db = db
+        self._bus = bus
+        self._settings = settings
+        self._clock = clock
+        self.experiment_id: uuid.UUID = row["id"]
+        self.gpu_count: int = row["gpu_count"]
+        self.started = asyncio.get_running_loop().time()
+        self.completed = False
+        self.cancel_seen = False
+
+    def gpu_hours(self) -> float:
+        elapsed = asyncio.get_running_loop().time() - self.started
+        return elapsed / 3600.0 * self.gpu_count
+
+    async def emit(self, event_type: str, stage: str | None, payload: Mapping[str, Any]) -> int:
+        if event_type in RESERVED_EVENT_TYPES:
+            raise ValueError(f"event_type {event_type!r} is reserved for the engine: use another name, such as 'progress'")
+        async with service_transaction(self._db) as conn:
+            event = await append_event(
+                conn, self.experiment_id, event_type, stage, payload,
+                max_payload_bytes=self._settings.max_event_payload_bytes,
+            )
+            await self._bus.publish(conn, event)
+        metrics.experiment_events_total.labels(event_type).inc()
+        return event.seq
+
+    async def check_cancelled(self) -> bool:
+        if not self.cancel_seen:
+            async with service_transaction(self._db) as conn:
+                row = await conn.fetchrow(query("get_experiment_status"), self.experiment_id)
+            self.cancel_seen = row is not None and (row["cancel_requested"] or row["status"] == Status.CANCELLED)
+        return self.cancel_seen
+
+    async def save_results(self, summary: Mapping[str, Any]) -> None:
+        if not isinstance(summary, Mapping):
+            raise TypeError(f"save_results expects a mapping, got {type(summary).__name__}")
+        async with service_transaction(self._db) as conn:
+            await lifecycle.mark_completed(conn, self._bus, self.experiment_id, summary, self.gpu_hours(), self._clock())
+        self.completed = True
+
+
+async def run_experiment(
+    db: asyncpg.Pool,
+    experiment_id: uuid.UUID,
+    bus: EventBus,
+    *,
+    settings: Settings | None = None,
+    collaborators: Mapping[str, Any] | None = None,
+    clock: Callable[[], datetime] = utc_now,
+) -> Status:
+    """Run experiment `experiment_id` to a terminal state and return that state.
+
+    An experiment that is not queued (cancelled before it started, or already handled) is
+    left as it is, and its current state is returned.
+    """
+    settings = settings or load_settings()
+    log_fields: dict[str, Any] = {"experiment_id": str(experiment_id)}
+
+    try:
+        async with service_transaction(db) as conn:
+            row = await lifecycle.mark_running(conn, bus, experiment_id)
+    except InvalidTransitionError as exc:
+        logger.info("experiment not started: not queued", extra={**log_fields, "status": exc.current})
+        return Status(exc.current) if exc.current else Status.FAILED
+
+    tool_id = row["tool_id"]
+    log_fields.update(org_id=str(row["org_id"]), tool_id=tool_id)
+    if row["queued_at"] is not None:
+        wait = (row["started_at"] - row["queued_at"]).total_seconds()
+        metrics.experiment_queue_wait_seconds.labels(tool_id).observe(max(0.0, wait))
+    logger.info("experiment started", extra=log_fields)
+
+    backend = _RunBackend(db, bus, row, settings, clock)
+    handler = get_handler(tool_id)
+    if handler is None:
+        status, message = Status.FAILED, f"tool {tool_id!r} is not registered in this worker: install the package that provides it"
+    else:
+        ctx = ExperimentContext(
+            experiment_id=experiment_id,
+            org_id=row["org_id"],
+            tool_id=tool_id,
+            target=row["target"],
+            input_config=row["input_config"],
+            goal=row["goal"],
+            created_by=row["created_by"],
+            artifact_dir=settings.artifact_dir / str(experiment_id),
+            artifact_base_url=settings.public_url,
+            backend=backend,
+            collaborators=collaborators,
+        )
+        timeout = handler.timeout_seconds or row["timeout_seconds"]
+        status, message = await _supervise(asyncio.create_task(handler.run(ctx)), backend, timeout, settings, log_fields)
+
+    return await _finish(db, bus, backend, status, message, clock, tool_id, log_fields)
+
+
+async def _supervise(task: asyncio.Task[None], backend: _RunBackend, timeout: float, settings: Settings,
+                     log_fields: dict[str, Any]) -> tuple[Status, str]:
+    """Wait for the handler; return the terminal state and message it earned."""
+    loop = asyncio.get_running_loop()
+    deadline = backend.started + timeout
+    cancel_deadline = math.inf
+    cause: Status | None = None
+
+    try:
+        while not task.done():
+            now = loop.time()
+            wake = min(deadline, cancel_deadline, now + settings.cancel_poll_seconds)
+            await asyncio.wait({task}, timeout=max(0.0, wake - now))
+            if task.done():
+                break
+            now = loop.time()
+            if now >= deadline:
+                cause = Status.TIMED_OUT
+            elif now >= cancel_deadline:
+                cause = Status.CANCELLED
+            elif cancel_deadline == math.inf and await backend.check_cancelled():
+                cancel_deadline = now + settings.cancel_grace_seconds
+                continue
+            if cause is not None:
+                logger.info("handler task cancelled", extra={**log_fields, "cause": cause.value})
+                task.cancel()
+                break
+    except asyncio.CancelledError:
+        # The worker itself is stopping: stop the handler too, then let the caller see it.
+        task.cancel()
+        await asyncio.wait({task}, timeout=settings.cancel_grace_seconds)
+        raise
+
+    await asyncio.wait({task}, timeout=settings.cancel_grace_seconds)
+    if not task.done():
+        logger.error("handler ignored cancellation; its task is abandoned", extra=log_fields)
+    error = None if not task.done() or task.cancelled() else task.exception()
+
+    if backend.completed:
+        if error is not None:
+            logger.warning("handler raised after saving results", extra={**log_fields, "error": repr(error)})
+        return Status.COMPLETED, ""
+    if cause is Status.TIMED_OUT:
+        return Status.TIMED_OUT, f"exceeded the soft time limit of {timeout:g} s"
+    if error is not None:
+        logger.info("handler raised", extra={**log_fields, "error": repr(error)})
+        return Status.FAILED, f"{type(error).__name__}: {error}"
+    if cause is Status.CANCELLED or backend.cancel_seen or await backend.check_cancelled():
+        return Status.CANCELLED, "cancelled on request"
+    if task.cancelled():
+        return Status.FAILED, "handler task was cancelled by something other than the engine"
+    return Status.FAILED, "handler returned without saving results: call ctx.save_results(summary) before returning"
+
+
+async def _finish(db: asyncpg.Pool, bus: EventBus, backend: _RunBackend, status: Status, message: str,
+                  clock: Callable[[], datetime], tool_id: str, log_fields: dict[str, Any]) -> Status:
+    elapsed = asyncio.get_running_loop().time() - backend.started
+    if status is not Status.COMPLETED:
+        try:
+            async with service_transaction(db) as conn:
+                await lifecycle.mark_ended(conn, bus, backend.experiment_id, status, message, backend.gpu_hours(), clock())
+        except InvalidTransitionError as exc:
+            # Another terminal write won (results saved at the last moment, or recovery).
+            logger.info("terminal state already written", extra={**log_fields, "status": exc.current})
+            return Status(exc.current) if exc.current else status
+
+    metrics.experiments_completed_total.labels(tool_id, status.value).inc()
+    metrics.experiment_duration_seconds.labels(tool_id, status.value).observe(elapsed)
+    level = logging.WARNING if status in (Status.FAILED, Status.TIMED_OUT) else logging.INFO
+    logger.log(level, "experiment finished", extra={**log_fields, "status": status.value, "error": message or None})
+    return status

@@ -1,0 +1,127 @@
+"""The long-lived parts of one iiq process: settings, pool, event bus, LISTEN hub, queue, worker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import procrastinate
+
+from iiq.db.embedded import start_embedded
+from iiq.db.migrate import migrate
+from iiq.db.pool import connect_admin, create_service_pool, service_server_settings
+from iiq.experiments.events import PostgresEventBus
+from iiq.experiments.hub import EventHub
+from iiq.experiments.registry import discover_tools
+from iiq.queue import tasks
+from iiq.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    dsn: str
+    pool: asyncpg.Pool
+    bus: PostgresEventBus
+    hub: EventHub | None = None
+    queue: procrastinate.App = field(init=False)
+    collaborators: dict[str, Any] = field(default_factory=dict)
+
+    async def defer_run(self, conn: asyncpg.Connection, experiment_id: uuid.UUID) -> int:
+        return await tasks.defer_run(self.queue, conn, experiment_id)
+
+    async def remove_job(self, conn: asyncpg.Connection, job_id: int) -> None:
+        await tasks.remove_job(self.queue, conn, job_id)
+
+
+async def resolve_dsn(settings: Settings) -> str:
+    return settings.database_url or await asyncio.to_thread(start_embedded, settings.data_dir)
+
+
+async def run_migrations(dsn: str) -> list[str]:
+    conn = await connect_admin(dsn)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
+async def pending_migrations(dsn: str) -> bool:
+    from iiq.db.migrate import migration_files
+
+    conn = await connect_admin(dsn)
+    try:
+        exists = await conn.fetchval("SELECT to_regclass('iiq.schema_migrations') IS NOT NULL")
+        rows = await conn.fetch("SELECT name FROM iiq.schema_migrations") if exists else []
+        names = {row["name"] for row in rows}
+    finally:
+        await conn.close()
+    return any(path.name not in names for path in migration_files())
+
+
+@asynccontextmanager
+async def open_runtime(settings: Settings, *, listen: bool = True, auto_migrate: bool | None = None) -> AsyncIterator[Runtime]:
+    """Open the pool, the LISTEN hub and the queue app; close them in reverse order."""
+    discover_tools()
+    dsn = await resolve_dsn(settings)
+    if auto_migrate is None:
+        auto_migrate = settings.embedded
+    if auto_migrate:
+        await run_migrations(dsn)
+    elif await pending_migrations(dsn):
+        raise RuntimeError("the database has pending migrations: run `iiq migrate` first")
+
+    pool = await create_service_pool(dsn, min_size=settings.pool_min_size, max_size=settings.pool_max_size)
+    runtime = Runtime(settings=settings, dsn=dsn, pool=pool, bus=PostgresEventBus())
+    try:
+        if listen:
+            async def connect() -> asyncpg.Connection:
+                conn: asyncpg.Connection = await asyncpg.connect(dsn, server_settings=service_server_settings())
+                return conn
+
+            runtime.hub = EventHub(connect)
+            await runtime.hub.start()
+        runtime.queue = tasks.build_queue_app(runtime)
+        async with runtime.queue.open_async():
+            yield runtime
+    finally:
+        if runtime.hub is not None:
+            await runtime.hub.stop()
+        await pool.close()
+
+
+async def run_worker(runtime: Runtime, *, stop: asyncio.Event) -> None:
+    """Run the procrastinate worker until `stop` is set, restarting it if it ends by itself."""
+    settings = runtime.settings
+    name = settings.worker_name or f"iiq-worker-{uuid.uuid4().hex[:8]}"
+    while not stop.is_set():
+        logger.info("worker starting", extra={"worker": name, "concurrency": settings.worker_concurrency})
+        worker = asyncio.create_task(
+            runtime.queue.run_worker_async(
+                queues=[tasks.EXPERIMENTS_QUEUE, tasks.MAINTENANCE_QUEUE],
+                concurrency=settings.worker_concurrency,
+                name=name,
+                install_signal_handlers=False,
+                shutdown_graceful_timeout=settings.cancel_grace_seconds,
+            )
+        )
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({worker, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+            break
+        stopping.cancel()
+        error = worker.exception() if not worker.cancelled() else None
+        # run_worker_async returns normally when one of its side tasks fails.
+        logger.error("worker stopped unexpectedly; restarting", extra={"worker": name, "error": repr(error)})
+        await asyncio.sleep(1.0)
+    logger.info("worker stopped", extra={"worker": name})

@@ -1,0 +1,21 @@
+-- name: append_event
+-- Numbers the event under the experiment's row lock, so sequence order is commit order.
+WITH next AS (
+    UPDATE iiq.experiments
+    SET last_event_seq = last_event_seq + 1
+    WHERE id = $1
+    RETURNING org_id, last_event_seq
+)
+INSERT INTO iiq.experiment_events (org_id, experiment_id, seq, event_type, stage, payload)
+SELECT org_id, $1, last_event_seq, $2, $3, $4 FROM next
+RETURNING seq, created_at;
+
+-- name: read_events
+SELECT seq, event_type, stage, payload, created_at
+FROM iiq.experiment_events
+WHERE experiment_id = $1 AND seq > $2
+ORDER BY seq
+LIMIT $3;
+
+-- name: notify_event
+SELECT pg_notify($1, $2);
