@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     quota_set = quota.add_parser("set", help="change an org's quota")
     quota_set.add_argument("--org", type=_uuid, required=True, help="org id")
     quota_set.add_argument("--monthly-gpu-hours", type=_non_negative, help="monthly GPU-hour budget")
-    quota_set.add_argument("--max-concurrent", type=_positive_int, help="cap on pending, queued and running experiments")
+    quota_set.add_argument(
+        "--max-concurrent", type=_positive_int, help="cap on pending, queued and running experiments"
+    )
     quota_set.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 

@@ -25,7 +25,11 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
 
     app = create_app(settings, with_worker=not args.no_worker)
     config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_config=None, access_log=False,
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        access_log=False,
         timeout_graceful_shutdown=int(settings.cancel_grace_seconds) + 1,
     )
     uvicorn.Server(config).run()
@@ -58,13 +62,20 @@ async def orgs(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     try:
         async with conn.transaction():
             org = await org_store.create_org(
-                conn, args.name, monthly_gpu_hours=settings.default_monthly_gpu_hours,
-                max_concurrent=settings.default_max_concurrent, now=quota_store.utc_now(),
+                conn,
+                args.name,
+                monthly_gpu_hours=settings.default_monthly_gpu_hours,
+                max_concurrent=settings.default_max_concurrent,
+                now=quota_store.utc_now(),
             )
     finally:
         await conn.close()
-    return {"org_id": str(org["id"]), "name": org["name"], "monthly_gpu_hours": settings.default_monthly_gpu_hours,
-            "max_concurrent": settings.default_max_concurrent}
+    return {
+        "org_id": str(org["id"]),
+        "name": org["name"],
+        "monthly_gpu_hours": settings.default_monthly_gpu_hours,
+        "max_concurrent": settings.default_max_concurrent,
+    }
 
 
 async def keys(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
@@ -73,11 +84,20 @@ async def keys(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         async with conn.transaction():
             if args.action == "create":
                 key = await org_store.create_key(conn, args.org, args.name)
-                return {"key_id": str(key.id), "org_id": str(key.org_id), "name": key.name, "api_key": key.secret,
-                        "note": "the key is shown only now: store it"}
+                return {
+                    "key_id": str(key.id),
+                    "org_id": str(key.org_id),
+                    "name": key.name,
+                    "api_key": key.secret,
+                    "note": "the key is shown only now: store it",
+                }
             row = await org_store.revoke_key(conn, args.key_id)
-            return {"key_id": str(row["id"]), "org_id": str(row["org_id"]), "name": row["name"],
-                    "revoked_at": row["revoked_at"].isoformat()}
+            return {
+                "key_id": str(row["id"]),
+                "org_id": str(row["org_id"]),
+                "name": row["name"],
+                "revoked_at": row["revoked_at"].isoformat(),
+            }
     finally:
         await conn.close()
 
@@ -92,9 +112,13 @@ async def quota(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
             row = await quota_store.update_limits(conn, args.org, args.monthly_gpu_hours, args.max_concurrent)
     finally:
         await conn.close()
-    return {"org_id": str(row["org_id"]), "monthly_gpu_hours": row["monthly_gpu_hours"],
-            "max_concurrent": row["max_concurrent"], "used_gpu_hours": row["used_gpu_hours"],
-            "month_resets_at": row["month_resets_at"].isoformat()}
+    return {
+        "org_id": str(row["org_id"]),
+        "monthly_gpu_hours": row["monthly_gpu_hours"],
+        "max_concurrent": row["max_concurrent"],
+        "used_gpu_hours": row["used_gpu_hours"],
+        "month_resets_at": row["month_resets_at"].isoformat(),
+    }
 
 
 async def demo(settings: Settings, args: argparse.Namespace) -> int | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import sys
 from typing import Any
 
 import httpx
@@ -20,8 +19,12 @@ from iiq.runtime import resolve_dsn, run_migrations
 from iiq.settings import Settings
 
 DEMO_TARGET = {"model_id": "meta-llama/Llama-3.1-8B-Instruct", "hardware": "H100-SXM", "engine": "vllm", "gpu_count": 1}
-DEMO_CONFIG = {"batch_sizes": [1, 8, 16, 32, 64, 128, 256], "prompt_tokens": 512, "output_tokens": 256,
-               "weight_format": "bf16"}
+DEMO_CONFIG = {
+    "batch_sizes": [1, 8, 16, 32, 64, 128, 256],
+    "prompt_tokens": 512,
+    "output_tokens": 256,
+    "weight_format": "bf16",
+}
 
 
 def _say(text: str) -> None:
@@ -32,8 +35,9 @@ async def _create_tenant(dsn: str) -> str:
     conn = await connect_admin(dsn)
     try:
         async with conn.transaction():
-            org = await org_store.create_org(conn, "demo", monthly_gpu_hours=100.0, max_concurrent=5,
-                                             now=quota.utc_now())
+            org = await org_store.create_org(
+                conn, "demo", monthly_gpu_hours=100.0, max_concurrent=5, now=quota.utc_now()
+            )
             key = await org_store.create_key(conn, org["id"], "demo")
     finally:
         await conn.close()
@@ -63,8 +67,9 @@ async def run_demo(settings: Settings, port: int) -> int:
     base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
 
     app_settings = msgspec.structs.replace(settings, database_url=dsn, public_url=base_url)
-    server = uvicorn.Server(uvicorn.Config(create_app(app_settings), log_config=None, access_log=False,
-                                           timeout_graceful_shutdown=2))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(app_settings), log_config=None, access_log=False, timeout_graceful_shutdown=2)
+    )
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         while not server.started:
@@ -73,8 +78,9 @@ async def run_demo(settings: Settings, port: int) -> int:
                 return 1
             await asyncio.sleep(0.05)
         _say(f"server listening on {base_url}")
-        async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"},
-                                     timeout=httpx.Timeout(10.0, read=120.0)) as client:
+        async with httpx.AsyncClient(
+            base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=httpx.Timeout(10.0, read=120.0)
+        ) as client:
             return await _run_experiment(client)
     finally:
         server.should_exit = True
@@ -90,8 +96,10 @@ async def _run_experiment(client: httpx.AsyncClient) -> int:
         _say(f"create failed: HTTP {created.status_code} {created.text}")
         return 1
     experiment = created.json()
-    _say(f"created experiment {experiment['id']}: L5 Batching of {DEMO_TARGET['model_id']} on "
-         f"{DEMO_TARGET['hardware']}, estimated {experiment['estimated_gpu_hours']} GPU-hours")
+    _say(
+        f"created experiment {experiment['id']}: L5 Batching of {DEMO_TARGET['model_id']} on "
+        f"{DEMO_TARGET['hardware']}, estimated {experiment['estimated_gpu_hours']} GPU-hours"
+    )
     _say("events:")
     await _follow(client, experiment["id"])
 
@@ -105,5 +113,3 @@ async def _run_experiment(client: httpx.AsyncClient) -> int:
     _say(f"report: HTTP {report.status_code}, {len(report.content)} bytes")
     _say("quota: " + json.dumps((await client.get("/quota")).json()))
     return 0
-
-

@@ -30,9 +30,7 @@ class InvalidTransitionError(IIQError):
     """A state change was requested from a state that does not allow it."""
 
     def __init__(self, experiment_id: uuid.UUID, current: str | None, requested: str) -> None:
-        super().__init__(
-            f"experiment {experiment_id} cannot move from {current or 'unknown'} to {requested}"
-        )
+        super().__init__(f"experiment {experiment_id} cannot move from {current or 'unknown'} to {requested}")
         self.experiment_id = experiment_id
         self.current = current
         self.requested = requested
@@ -50,9 +48,7 @@ class UnknownToolError(ValidationFailed):
     """The requested tool_id is not registered in this process."""
 
     def __init__(self, tool_id: str, known: list[str]) -> None:
-        super().__init__(
-            [f"unknown tool_id {tool_id!r}: registered tools are {', '.join(sorted(known)) or 'none'}"]
-        )
+        super().__init__([f"unknown tool_id {tool_id!r}: registered tools are {', '.join(sorted(known)) or 'none'}"])
         self.tool_id = tool_id
 
 

@@ -68,9 +68,11 @@ async def pending_migrations(dsn: str) -> bool:
 
 
 @asynccontextmanager
-async def open_runtime(settings: Settings, *, listen: bool = True, auto_migrate: bool | None = None) -> AsyncIterator[Runtime]:
+async def open_runtime(
+    settings: Settings, *, listen: bool = True, auto_migrate: bool | None = None
+) -> AsyncIterator[Runtime]:
     """Open the pool, the LISTEN hub and the queue app; close them in reverse order."""
-    discover_tools()
+    discover_tools(settings.tool_modules)
     dsn = await resolve_dsn(settings)
     if auto_migrate is None:
         auto_migrate = settings.embedded
@@ -83,6 +85,7 @@ async def open_runtime(settings: Settings, *, listen: bool = True, auto_migrate:
     runtime = Runtime(settings=settings, dsn=dsn, pool=pool, bus=PostgresEventBus())
     try:
         if listen:
+
             async def connect() -> asyncpg.Connection:
                 conn: asyncpg.Connection = await asyncpg.connect(dsn, server_settings=service_server_settings())
                 return conn

@@ -40,6 +40,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Quota of a new org.
     default_monthly_gpu_hours: float = 100.0
     default_max_concurrent: int = 5
+    # Extra modules to import at start-up, comma-separated; each registers its tools.
+    tool_modules: str = ""
     log_format: str = "text"
     log_level: str = "INFO"
 
@@ -108,6 +110,4 @@ def _check(settings: Settings) -> None:
     if settings.log_format not in ("text", "json"):
         raise ConfigurationError(f"{ENV_PREFIX}LOG_FORMAT={settings.log_format!r} must be 'text' or 'json'")
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigurationError(
-            f"{ENV_PREFIX}LOG_LEVEL={settings.log_level!r} must be DEBUG, INFO, WARNING or ERROR"
-        )
+        raise ConfigurationError(f"{ENV_PREFIX}LOG_LEVEL={settings.log_level!r} must be DEBUG, INFO, WARNING or ERROR")

@@ -29,6 +29,7 @@ from iiq.experiments import quota
 from iiq.orgs import create_key, create_org
 from iiq.runtime import Runtime, run_migrations
 from iiq.settings import Settings, load_settings
+from tests.support import tools as _test_tools  # noqa: F401 - registers the test-only tools
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -126,8 +127,9 @@ async def server(settings: Settings) -> AsyncIterator[Server]:
     base_url = f"http://127.0.0.1:{port}"
     app_settings = msgspec.structs.replace(settings, public_url=base_url)
     app = create_app(app_settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=2)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, access_log=False, timeout_graceful_shutdown=2
+    )
     uv = uvicorn.Server(config)
     task = asyncio.create_task(uv.serve())
     for _ in range(400):
@@ -149,18 +151,26 @@ class Tenant:
     client: httpx.AsyncClient
 
 
-async def make_tenant(database_url: str, base_url: str, *, monthly_gpu_hours: float = 1000.0,
-                      max_concurrent: int = 50, name: str = "test org") -> Tenant:
+async def make_tenant(
+    database_url: str,
+    base_url: str,
+    *,
+    monthly_gpu_hours: float = 1000.0,
+    max_concurrent: int = 50,
+    name: str = "test org",
+) -> Tenant:
     conn = await connect_admin(database_url)
     try:
         async with conn.transaction():
-            org = await create_org(conn, name, monthly_gpu_hours=monthly_gpu_hours,
-                                   max_concurrent=max_concurrent, now=quota.utc_now())
+            org = await create_org(
+                conn, name, monthly_gpu_hours=monthly_gpu_hours, max_concurrent=max_concurrent, now=quota.utc_now()
+            )
             key = await create_key(conn, org["id"], "test")
     finally:
         await conn.close()
-    client = httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key.secret}"},
-                               timeout=httpx.Timeout(30.0))
+    client = httpx.AsyncClient(
+        base_url=base_url, headers={"Authorization": f"Bearer {key.secret}"}, timeout=httpx.Timeout(30.0)
+    )
     return Tenant(org_id=org["id"], key_id=key.id, api_key=key.secret, client=client)
 
 
@@ -182,3 +192,18 @@ async def tenant_factory(server: Server, database_url: str) -> AsyncIterator[Any
 async def tenant(tenant_factory: Any) -> Tenant:
     result: Tenant = await tenant_factory()
     return result
+
+
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # CI sets IIQ_FAIL_ON_SKIP: a skipped test there is a test that silently did not run.
+    if os.environ.get("IIQ_FAIL_ON_SKIP") and _skipped and exitstatus == 0:
+        print(f"\nIIQ_FAIL_ON_SKIP is set and {len(_skipped)} test(s) were skipped: {', '.join(_skipped)}")
+        session.exitstatus = 1

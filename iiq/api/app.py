@@ -79,8 +79,16 @@ def create_app(settings: Settings, *, with_worker: bool = True) -> Litestar:
                 logger.info("iiq stopped")
 
     return Litestar(
-        route_handlers=[ExperimentController, stream_events, read_quota, list_tools, read_artifact, live, ready,
-                        metrics_route],
+        route_handlers=[
+            ExperimentController,
+            stream_events,
+            read_quota,
+            list_tools,
+            read_artifact,
+            live,
+            ready,
+            metrics_route,
+        ],
         dependencies={
             "runtime": Provide(provide_runtime, sync_to_thread=False),
             "principal": Provide(provide_principal),

@@ -70,7 +70,8 @@ def handle_postgres_error(request: Request[Any, Any, Any], exc: asyncpg.Postgres
 def handle_unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     if isinstance(exc, HTTPException):
         extra = exc.extra if exc.extra else None
-        return Response(_body(exc.status_code, exc.detail, extra), status_code=exc.status_code,
-                        headers=exc.headers or None)
+        return Response(
+            _body(exc.status_code, exc.detail, extra), status_code=exc.status_code, headers=exc.headers or None
+        )
     logger.exception("unhandled error", extra={"path": request.url.path, "method": request.method})
     return Response(_body(500, "internal server error"), status_code=500)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import asyncpg
 from litestar import get
+from litestar.di import NamedDependency
+from litestar.params import FromPath
 from litestar.response import File
 
 from iiq.api.responses import READ_RESPONSES
@@ -20,7 +22,7 @@ from iiq.runtime import Runtime
 
 
 @get("/quota", responses=READ_RESPONSES, tags=["quota"], summary="The caller's org quota")
-async def read_quota(principal: Principal, conn: asyncpg.Connection) -> Quota:
+async def read_quota(principal: NamedDependency[Principal], conn: NamedDependency[asyncpg.Connection]) -> Quota:
     snap = await quota.snapshot(conn, principal.org_id, quota.utc_now())
     return Quota(
         monthly_gpu_hours=snap.monthly_gpu_hours,
@@ -34,7 +36,7 @@ async def read_quota(principal: Principal, conn: asyncpg.Connection) -> Quota:
 
 
 @get("/tools", responses=READ_RESPONSES, tags=["tools"], summary="Registered tools, each with a valid example")
-async def list_tools(principal: Principal, runtime: Runtime) -> list[Tool]:
+async def list_tools(principal: NamedDependency[Principal], runtime: NamedDependency[Runtime]) -> list[Tool]:
     return [
         Tool(
             tool_id=handler.tool_id,
@@ -49,9 +51,19 @@ async def list_tools(principal: Principal, runtime: Runtime) -> list[Tool]:
     ]
 
 
-@get("/experiments/{experiment_id:uuid}/artifacts/{name:str}", responses=READ_RESPONSES, tags=["experiments"],
-     summary="Download an artifact of a run", media_type="application/octet-stream")
-async def read_artifact(experiment_id: uuid.UUID, name: str, conn: asyncpg.Connection, runtime: Runtime) -> File:
+@get(
+    "/experiments/{experiment_id:uuid}/artifacts/{name:str}",
+    responses=READ_RESPONSES,
+    tags=["experiments"],
+    summary="Download an artifact of a run",
+    media_type="application/octet-stream",
+)
+async def read_artifact(
+    experiment_id: FromPath[uuid.UUID],
+    name: FromPath[str],
+    conn: NamedDependency[asyncpg.Connection],
+    runtime: NamedDependency[Runtime],
+) -> File:
     # The row lookup runs under the caller's org, so another org's artifacts are 404 too.
     if await conn.fetchrow(query("get_experiment_status"), experiment_id) is None:
         raise NotFoundError("experiment", experiment_id)

@@ -14,8 +14,9 @@ from typing import Annotated
 
 import msgspec
 from litestar import get
+from litestar.di import NamedDependency
 from litestar.exceptions import ServiceUnavailableException, ValidationException
-from litestar.params import Parameter
+from litestar.params import FromPath, HeaderParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from iiq.api.responses import READ_RESPONSES
@@ -36,10 +37,15 @@ def _is_terminal(event: StoredEvent) -> bool:
 
 
 def _message(event: StoredEvent) -> ServerSentEventMessage:
-    data = msgspec.json.encode({
-        "seq": event.seq, "event_type": event.event_type, "stage": event.stage,
-        "payload": event.payload, "created_at": event.created_at,
-    }).decode()
+    data = msgspec.json.encode(
+        {
+            "seq": event.seq,
+            "event_type": event.event_type,
+            "stage": event.stage,
+            "payload": event.payload,
+            "created_at": event.created_at,
+        }
+    ).decode()
     return ServerSentEventMessage(data=data, event=event.event_type, id=str(event.seq))
 
 
@@ -47,12 +53,15 @@ def parse_last_event_id(value: str | None) -> int:
     if value is None or value == "":
         return 0
     if not value.isdigit() or len(value) > 9:
-        raise ValidationException(f"invalid Last-Event-ID {value[:40]!r}: expected the non-negative integer id of an event")
+        raise ValidationException(
+            f"invalid Last-Event-ID {value[:40]!r}: expected the non-negative integer id of an event"
+        )
     return int(value)
 
 
-async def _follow(runtime: Runtime, hub: EventHub, principal: Principal, experiment_id: uuid.UUID,
-                  after: int) -> AsyncIterator[ServerSentEventMessage]:
+async def _follow(
+    runtime: Runtime, hub: EventHub, principal: Principal, experiment_id: uuid.UUID, after: int
+) -> AsyncIterator[ServerSentEventMessage]:
     keepalive = runtime.settings.sse_keepalive_seconds
     # Subscribed before the first read, so nothing committed from here on can be missed.
     subscription = hub.subscribe(experiment_id)
@@ -78,13 +87,18 @@ async def _follow(runtime: Runtime, hub: EventHub, principal: Principal, experim
         subscription.close()
 
 
-@get("/experiments/{experiment_id:uuid}/events", media_type="text/event-stream", responses=READ_RESPONSES,
-     tags=["experiments"], summary="Follow an experiment's events (Server-Sent Events)")
+@get(
+    "/experiments/{experiment_id:uuid}/events",
+    media_type="text/event-stream",
+    responses=READ_RESPONSES,
+    tags=["experiments"],
+    summary="Follow an experiment's events (Server-Sent Events)",
+)
 async def stream_events(
-    experiment_id: uuid.UUID,
-    principal: Principal,
-    runtime: Runtime,
-    last_event_id: Annotated[str | None, Parameter(header="Last-Event-ID", required=False, max_length=40)] = None,
+    experiment_id: FromPath[uuid.UUID],
+    principal: NamedDependency[Principal],
+    runtime: NamedDependency[Runtime],
+    last_event_id: Annotated[str | None, HeaderParameter(name="Last-Event-ID", required=False, max_length=40)] = None,
 ) -> ServerSentEvent:
     after = parse_last_event_id(last_event_id)
     if runtime.hub is None:

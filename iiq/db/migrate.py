@@ -49,8 +49,7 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
         if await install_procrastinate_schema(conn):
             logger.info("procrastinate schema installed")
         done = {
-            row["name"]: row["checksum"]
-            for row in await conn.fetch("SELECT name, checksum FROM iiq.schema_migrations")
+            row["name"]: row["checksum"] for row in await conn.fetch("SELECT name, checksum FROM iiq.schema_migrations")
         }
         for path in migration_files():
             text = path.read_text()

@@ -36,8 +36,10 @@ def _check_target(target: dict[str, Any], goal: str | None) -> list[str]:
     for key in ("model_id", "hardware"):
         value = target.get(key)
         if not isinstance(value, str) or not value.strip():
-            errors.append(f"target.{key} is required: a non-empty string such as "
-                          f"{'meta-llama/Llama-3.1-8B-Instruct' if key == 'model_id' else 'H100-SXM'}")
+            errors.append(
+                f"target.{key} is required: a non-empty string such as "
+                f"{'meta-llama/Llama-3.1-8B-Instruct' if key == 'model_id' else 'H100-SXM'}"
+            )
         elif len(value) > _MAX_TEXT:
             errors.append(f"target.{key} is {len(value)} characters long; the maximum is {_MAX_TEXT}")
     gpu_count = target.get("gpu_count", 1)
@@ -48,16 +50,20 @@ def _check_target(target: dict[str, Any], goal: str | None) -> list[str]:
     return errors
 
 
-def validate_and_estimate(handler: ToolHandler, target: dict[str, Any], input_config: dict[str, Any],
-                          goal: str | None) -> float:
+def validate_and_estimate(
+    handler: ToolHandler, target: dict[str, Any], input_config: dict[str, Any], goal: str | None
+) -> float:
     """Run the engine's and the tool's checks; return the estimate or raise with every error."""
-    errors = _check_target(target, goal)
+    engine_errors = _check_target(target, goal)
     cfg = {**input_config, "target": target}
     try:
-        errors.extend(handler.validate(cfg))
+        tool_errors = [str(error) for error in handler.validate(cfg)]
     except Exception as exc:  # a tool's bug must not become a 500 without a message
         logger.exception("tool validate raised", extra={"tool_id": handler.tool_id})
-        errors.append(f"tool {handler.tool_id} could not validate this input ({type(exc).__name__}: {exc})")
+        tool_errors = [f"tool {handler.tool_id} could not validate this input ({type(exc).__name__}: {exc})"]
+    # Tools often check the same target fields; keep one message per field, the tool's.
+    tool_fields = {error.split(" ", 1)[0] for error in tool_errors}
+    errors = [error for error in engine_errors if error.split(" ", 1)[0] not in tool_fields] + tool_errors
     if errors:
         raise ValidationFailed(errors)
 
@@ -65,10 +71,13 @@ def validate_and_estimate(handler: ToolHandler, target: dict[str, Any], input_co
         estimate = float(handler.estimate_cost(cfg))
     except Exception as exc:
         logger.exception("tool estimate_cost raised", extra={"tool_id": handler.tool_id})
-        raise ValidationFailed([f"tool {handler.tool_id} could not estimate the cost of this input "
-                                f"({type(exc).__name__}: {exc})"]) from exc
+        raise ValidationFailed(
+            [f"tool {handler.tool_id} could not estimate the cost of this input ({type(exc).__name__}: {exc})"]
+        ) from exc
     if not math.isfinite(estimate) or estimate < 0:
-        raise ValidationFailed([f"tool {handler.tool_id} estimated {estimate} GPU-hours; expected a finite number >= 0"])
+        raise ValidationFailed(
+            [f"tool {handler.tool_id} estimated {estimate} GPU-hours; expected a finite number >= 0"]
+        )
     return estimate
 
 
@@ -100,17 +109,39 @@ async def create_experiment(
     timeout = handler.timeout_seconds or settings.default_timeout_seconds
     experiment_id = uuid.uuid4()
     row = await conn.fetchrow(
-        query("insert_experiment"), experiment_id, principal.org_id, tool_id, target, input_config, goal,
-        estimate, gpu_count, timeout, principal.created_by,
+        query("insert_experiment"),
+        experiment_id,
+        principal.org_id,
+        tool_id,
+        target,
+        input_config,
+        goal,
+        estimate,
+        gpu_count,
+        timeout,
+        principal.created_by,
     )
     # Nobody can follow the experiment before this transaction commits, so the pending event
     # needs no notification of its own: the one for `queued` wakes readers for both.
-    await append_event(conn, experiment_id, STATUS_EVENT, row["status"], {"status": row["status"]},
-                       max_payload_bytes=settings.max_event_payload_bytes)
+    await append_event(
+        conn,
+        experiment_id,
+        STATUS_EVENT,
+        row["status"],
+        {"status": row["status"]},
+        max_payload_bytes=settings.max_event_payload_bytes,
+    )
     job_id = await defer(conn, experiment_id)
     row = await lifecycle.mark_queued(conn, bus, experiment_id, job_id)
 
     metrics.experiments_created_total.labels(tool_id).inc()
-    logger.info("experiment created", extra={"experiment_id": str(experiment_id), "org_id": str(principal.org_id),
-                                             "tool_id": tool_id, "job_id": job_id})
+    logger.info(
+        "experiment created",
+        extra={
+            "experiment_id": str(experiment_id),
+            "org_id": str(principal.org_id),
+            "tool_id": tool_id,
+            "job_id": job_id,
+        },
+    )
     return row

@@ -53,7 +53,9 @@ class Subscription:
 
 
 class EventHub:
-    def __init__(self, connect: Connect, *, health_check_seconds: float = 10.0, max_backoff_seconds: float = 5.0) -> None:
+    def __init__(
+        self, connect: Connect, *, health_check_seconds: float = 10.0, max_backoff_seconds: float = 5.0
+    ) -> None:
         self._connect = connect
         self._health_check_seconds = health_check_seconds
         self._max_backoff_seconds = max_backoff_seconds

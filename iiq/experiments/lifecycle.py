@@ -100,7 +100,9 @@ async def mark_ended(
 RemoveJob = Callable[[asyncpg.Connection, int], Awaitable[None]]
 
 
-async def cancel(conn: asyncpg.Connection, bus: EventBus, experiment_id: uuid.UUID, remove_job: RemoveJob) -> asyncpg.Record:
+async def cancel(
+    conn: asyncpg.Connection, bus: EventBus, experiment_id: uuid.UUID, remove_job: RemoveJob
+) -> asyncpg.Record:
     """Cancel an experiment in the caller's transaction and return its row.
 
     Pending or queued: cancelled at once and its job removed from the queue. Running: flagged,

@@ -20,22 +20,20 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 144
 # Seconds a job waits in the queue: mostly sub-second, hours when an org is throttled.
 QUEUE_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15, 60, 300, 900, 3600, 14400)
 
-experiments_created_total = Counter(
-    "experiments_created", "Experiments accepted by POST /experiments.", ["tool"]
-)
+experiments_created_total = Counter("experiments_created", "Experiments accepted by POST /experiments.", ["tool"])
 experiments_completed_total = Counter(
     "experiments_completed", "Experiments that reached a terminal state, by state.", ["tool", "status"]
 )
 experiment_duration_seconds = Histogram(
-    "experiment_duration_seconds", "Running time of an experiment, start to terminal state.",
-    ["tool", "status"], buckets=DURATION_BUCKETS,
+    "experiment_duration_seconds",
+    "Running time of an experiment, start to terminal state.",
+    ["tool", "status"],
+    buckets=DURATION_BUCKETS,
 )
 experiment_queue_wait_seconds = Histogram(
     "experiment_queue_wait_seconds", "Time from queued to running.", ["tool"], buckets=QUEUE_WAIT_BUCKETS
 )
-experiment_events_total = Counter(
-    "experiment_events", "Events stored and announced, by event type.", ["event_type"]
-)
+experiment_events_total = Counter("experiment_events", "Events stored and announced, by event type.", ["event_type"])
 experiment_quota_rejections_total = Counter(
     "experiment_quota_rejections", "Creates refused by quota, by reason (budget or concurrency).", ["reason"]
 )

@@ -63,8 +63,7 @@ def register(handler: ToolHandler) -> ToolHandler:
         raise ValueError("ToolHandler.tool_id must be a non-empty string")
     if handler.timeout_seconds is not None and handler.timeout_seconds <= 0:
         raise ValueError(
-            f"ToolHandler {handler.tool_id!r}: timeout_seconds must be positive, "
-            f"got {handler.timeout_seconds}"
+            f"ToolHandler {handler.tool_id!r}: timeout_seconds must be positive, got {handler.timeout_seconds}"
         )
     existing = _handlers.get(handler.tool_id)
     if existing is not None:
@@ -92,13 +91,16 @@ def all_handlers() -> list[ToolHandler]:
 _discovered = False
 
 
-def discover_tools() -> list[str]:
-    """Import the shipped `tools` package and every module named in the `iiq.tools` group.
+def discover_tools(extra_modules: str = "") -> list[str]:
+    """Import the shipped `tools` package, every module named in the `iiq.tools` entry-point
+    group and the comma-separated `extra_modules` (the `IIQ_TOOL_MODULES` setting).
 
     Importing a module registers its handlers. Safe to call more than once. Returns the
     registered tool ids.
     """
     global _discovered
+    for module_name in filter(None, (name.strip() for name in extra_modules.split(","))):
+        _import_tree(module_name)
     if not _discovered:
         modules: set[str] = {"tools"}
         modules.update(entry.value.split(":")[0] for entry in entry_points(group=ENTRY_POINT_GROUP))

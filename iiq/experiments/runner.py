@@ -38,8 +38,9 @@ RESERVED_EVENT_TYPES = frozenset({"status", "cancel_requested"})
 class _RunBackend:
     """The runner's side of an `ExperimentContext`."""
 
-    def __init__(self, db: asyncpg.Pool, bus: EventBus, row: asyncpg.Record, settings: Settings,
-                 clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self, db: asyncpg.Pool, bus: EventBus, row: asyncpg.Record, settings: Settings, clock: Callable[[], datetime]
+    ) -> None:
         self._db = db
         self._bus = bus
         self._settings = settings
@@ -56,10 +57,16 @@ class _RunBackend:
 
     async def emit(self, event_type: str, stage: str | None, payload: Mapping[str, Any]) -> int:
         if event_type in RESERVED_EVENT_TYPES:
-            raise ValueError(f"event_type {event_type!r} is reserved for the engine: use another name, such as 'progress'")
+            raise ValueError(
+                f"event_type {event_type!r} is reserved for the engine: use another name, such as 'progress'"
+            )
         async with service_transaction(self._db) as conn:
             event = await append_event(
-                conn, self.experiment_id, event_type, stage, payload,
+                conn,
+                self.experiment_id,
+                event_type,
+                stage,
+                payload,
                 max_payload_bytes=self._settings.max_event_payload_bytes,
             )
             await self._bus.publish(conn, event)
@@ -77,7 +84,9 @@ class _RunBackend:
         if not isinstance(summary, Mapping):
             raise TypeError(f"save_results expects a mapping, got {type(summary).__name__}")
         async with service_transaction(self._db) as conn:
-            await lifecycle.mark_completed(conn, self._bus, self.experiment_id, summary, self.gpu_hours(), self._clock())
+            await lifecycle.mark_completed(
+                conn, self._bus, self.experiment_id, summary, self.gpu_hours(), self._clock()
+            )
         self.completed = True
 
 
@@ -115,7 +124,10 @@ async def run_experiment(
     backend = _RunBackend(db, bus, row, settings, clock)
     handler = get_handler(tool_id)
     if handler is None:
-        status, message = Status.FAILED, f"tool {tool_id!r} is not registered in this worker: install the package that provides it"
+        status, message = (
+            Status.FAILED,
+            f"tool {tool_id!r} is not registered in this worker: install the package that provides it",
+        )
     else:
         ctx = ExperimentContext(
             experiment_id=experiment_id,
@@ -131,13 +143,16 @@ async def run_experiment(
             collaborators=collaborators,
         )
         timeout = handler.timeout_seconds or row["timeout_seconds"]
-        status, message = await _supervise(asyncio.create_task(handler.run(ctx)), backend, timeout, settings, log_fields)
+        status, message = await _supervise(
+            asyncio.create_task(handler.run(ctx)), backend, timeout, settings, log_fields
+        )
 
     return await _finish(db, bus, backend, status, message, clock, tool_id, log_fields)
 
 
-async def _supervise(task: asyncio.Task[None], backend: _RunBackend, timeout: float, settings: Settings,
-                     log_fields: dict[str, Any]) -> tuple[Status, str]:
+async def _supervise(
+    task: asyncio.Task[None], backend: _RunBackend, timeout: float, settings: Settings, log_fields: dict[str, Any]
+) -> tuple[Status, str]:
     """Wait for the handler; return the terminal state and message it earned."""
     loop = asyncio.get_running_loop()
     deadline = backend.started + timeout
@@ -190,13 +205,23 @@ async def _supervise(task: asyncio.Task[None], backend: _RunBackend, timeout: fl
     return Status.FAILED, "handler returned without saving results: call ctx.save_results(summary) before returning"
 
 
-async def _finish(db: asyncpg.Pool, bus: EventBus, backend: _RunBackend, status: Status, message: str,
-                  clock: Callable[[], datetime], tool_id: str, log_fields: dict[str, Any]) -> Status:
+async def _finish(
+    db: asyncpg.Pool,
+    bus: EventBus,
+    backend: _RunBackend,
+    status: Status,
+    message: str,
+    clock: Callable[[], datetime],
+    tool_id: str,
+    log_fields: dict[str, Any],
+) -> Status:
     elapsed = asyncio.get_running_loop().time() - backend.started
     if status is not Status.COMPLETED:
         try:
             async with service_transaction(db) as conn:
-                await lifecycle.mark_ended(conn, bus, backend.experiment_id, status, message, backend.gpu_hours(), clock())
+                await lifecycle.mark_ended(
+                    conn, bus, backend.experiment_id, status, message, backend.gpu_hours(), clock()
+                )
         except InvalidTransitionError as exc:
             # Another terminal write won (results saved at the last moment, or recovery).
             logger.info("terminal state already written", extra={**log_fields, "status": exc.current})

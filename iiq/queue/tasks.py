@@ -37,8 +37,11 @@ def build_queue_app(runtime: Runtime) -> procrastinate.App:
     @app.task(name=RUN_TASK, queue=EXPERIMENTS_QUEUE)
     async def run_experiment_job(experiment_id: str) -> None:
         await run_experiment(
-            runtime.pool, uuid.UUID(experiment_id), runtime.bus,
-            settings=runtime.settings, collaborators=runtime.collaborators,
+            runtime.pool,
+            uuid.UUID(experiment_id),
+            runtime.bus,
+            settings=runtime.settings,
+            collaborators=runtime.collaborators,
         )
 
     # A registered periodic task also keeps procrastinate 3.10's worker supervising its side

@@ -1,0 +1,1 @@
+"""Job queue: procrastinate over asyncpg, its schema, and the LISTEN connection it needs."""

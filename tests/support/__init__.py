@@ -1,0 +1,1 @@
+"""Test-only tools and helpers."""
