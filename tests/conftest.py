@@ -23,7 +23,7 @@ import pytest
 import uvicorn
 
 from iiq.api.app import create_app
-from iiq.db.embedded import start_embedded
+from iiq.db.embedded import start_embedded, stop_embedded
 from iiq.db.pool import connect_admin
 from iiq.experiments import quota
 from iiq.orgs import create_key, create_org
@@ -54,6 +54,7 @@ def admin_url() -> Iterator[str]:
         return
     with tempfile.TemporaryDirectory(prefix="iiq-test-pg-") as data_dir:
         yield start_embedded(data_dir)
+        stop_embedded(data_dir)
 
 
 def with_database(url: str, database: str) -> str:

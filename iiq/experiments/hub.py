@@ -16,16 +16,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
-from prometheus_client import Counter, Gauge
 
 from iiq.experiments.events import EVENTS_CHANNEL
+from iiq.experiments.metrics import listen_reconnects_total, open_streams
 
 logger = logging.getLogger(__name__)
 
-listen_reconnects_total = Counter(
-    "experiment_listen_reconnects", "Times the LISTEN connection of this process was re-established."
-)
-open_streams = Gauge("experiment_open_streams", "Event streams open in this process.")
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 

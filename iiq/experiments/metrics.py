@@ -13,7 +13,7 @@ and a panel for it in ``deploy/grafana/iiq-experiments.json``.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 # Seconds: from sub-second test runs to multi-hour distillation runs.
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800)
@@ -36,4 +36,20 @@ experiment_queue_wait_seconds = Histogram(
 experiment_events_total = Counter("experiment_events", "Events stored and announced, by event type.", ["event_type"])
 experiment_quota_rejections_total = Counter(
     "experiment_quota_rejections", "Creates refused by quota, by reason (budget or concurrency).", ["reason"]
+)
+experiments_recovered_total = Counter(
+    "experiments_recovered", "Running experiments ended as failed because their worker was lost.", ["tool"]
+)
+listen_reconnects_total = Counter(
+    "experiment_listen_reconnects", "Times this process re-established its LISTEN connection."
+)
+open_streams = Gauge("experiment_open_streams", "Event streams open in this process.")
+loop_stalls_total = Counter(
+    "experiment_loop_stalls", "Times the event loop of this process was blocked longer than the stall threshold."
+)
+
+# Read from Postgres at scrape time, so every process reports the same cluster-wide value.
+experiments_running = Gauge("experiments_running", "Experiments in the running state, cluster-wide.", ["tool"])
+experiment_queue_depth = Gauge(
+    "experiment_queue_depth", "Jobs waiting in the procrastinate queue (status todo), cluster-wide.", ["queue"]
 )

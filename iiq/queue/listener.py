@@ -91,7 +91,16 @@ async def listen_forever(
                 },
             )
         else:
-            logger.debug("Listener connected", extra={**log_fields, "action": "listen_connected"})
+            # Connecting at start is routine, unless it took retries.
+            logger.log(
+                logging.INFO if failed_attempts else logging.DEBUG,
+                "Listener connected",
+                extra={
+                    **log_fields,
+                    "action": "listen_connected",
+                    "failed_attempts": failed_attempts,
+                },
+            )
         failed_attempts = 0
 
         loss_reason = await _relay_until_lost(connection, events, on_notification, options)

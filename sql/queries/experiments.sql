@@ -64,3 +64,9 @@ RETURNING *;
 
 -- name: lock_experiment
 SELECT * FROM iiq.experiments WHERE id = $1 FOR UPDATE;
+
+-- name: count_running_by_tool
+SELECT tool_id, count(*)::int AS running
+FROM iiq.experiments
+WHERE status = 'running'
+GROUP BY tool_id;
