@@ -1,0 +1,287 @@
+"""Quota admission under concurrency, charging, and the monthly reset."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from iiq.db.pool import connect_admin
+from iiq.db.tx import service_transaction
+from iiq.errors import InvalidTransitionError
+from iiq.experiments import lifecycle, quota
+from iiq.experiments.runner import run_experiment
+from iiq.experiments.states import Status
+from tests.conftest import Server, Tenant
+from tests.support.lifecycle import RecordingBus, create_unqueued, fetch_experiment
+
+TARGET = {"model_id": "meta-llama/Llama-3.1-8B-Instruct", "hardware": "H100-SXM", "engine": "vllm"}
+LONG_SLEEP = {"steps": 600, "step_seconds": 0.1}
+
+
+def _body(tool_id: str = "test.sleep", **config: Any) -> dict[str, Any]:
+    return {"tool_id": tool_id, "target": TARGET, "input_config": config}
+
+
+async def _org_rows(database_url: str, org_id: uuid.UUID) -> tuple[int, int]:
+    """Count the org's experiments and the procrastinate jobs that point at them."""
+    conn = await connect_admin(database_url)
+    try:
+        experiments = await conn.fetchval("SELECT count(*) FROM iiq.experiments WHERE org_id = $1", org_id)
+        jobs = await conn.fetchval(
+            """
+            SELECT count(*) FROM procrastinate.procrastinate_jobs j
+            JOIN iiq.experiments e ON e.id = (j.args ->> 'experiment_id')::uuid
+            WHERE e.org_id = $1
+            """,
+            org_id,
+        )
+        orphans = await conn.fetchval(
+            """
+            SELECT count(*) FROM procrastinate.procrastinate_jobs j
+            WHERE j.task_name = 'iiq.run_experiment'
+              AND NOT EXISTS (SELECT 1 FROM iiq.experiments e WHERE e.id = (j.args ->> 'experiment_id')::uuid)
+            """
+        )
+    finally:
+        await conn.close()
+    assert orphans == 0
+    return experiments, jobs
+
+
+async def _cancel_all(tenant: Tenant) -> None:
+    """Cancel every active experiment of the tenant and wait until none is active."""
+    for _ in range(100):
+        items = (await tenant.client.get("/experiments", params={"limit": 200})).json()["items"]
+        active = [item for item in items if item["status"] in ("pending", "queued", "running")]
+        if not active:
+            return
+        for item in active:
+            await tenant.client.post(f"/experiments/{item['id']}/cancel")
+        await asyncio.sleep(0.1)
+    raise AssertionError("experiments still active 10 s after cancellation")
+
+
+async def test_concurrency_cap_holds_under_load(tenant_factory: Any, database_url: str) -> None:
+    tenant = await tenant_factory(max_concurrent=2)
+
+    responses = await asyncio.gather(*(tenant.client.post("/experiments", json=_body(**LONG_SLEEP)) for _ in range(60)))
+
+    codes = sorted(response.status_code for response in responses)
+    assert codes.count(201) == 2
+    assert codes.count(429) == 58
+    assert await _org_rows(database_url, tenant.org_id) == (2, 2)
+    refused = next(response for response in responses if response.status_code == 429)
+    assert refused.headers["Retry-After"] == str(quota.CONCURRENCY_RETRY_AFTER_SECONDS)
+    assert refused.json()["extra"]["reason"] == "concurrency"
+    assert refused.json()["extra"]["max_concurrent"] == 2
+    assert refused.json()["extra"]["active"] == 2
+    await _cancel_all(tenant)
+
+
+async def test_budget_admits_exactly_n(tenant_factory: Any, database_url: str) -> None:
+    tenant = await tenant_factory(monthly_gpu_hours=1.0, max_concurrent=100)
+
+    responses = await asyncio.gather(
+        *(tenant.client.post("/experiments", json=_body(cost=0.1, **LONG_SLEEP)) for _ in range(50))
+    )
+
+    codes = sorted(response.status_code for response in responses)
+    assert codes.count(201) == 10
+    assert codes.count(402) == 40
+    assert await _org_rows(database_url, tenant.org_id) == (10, 10)
+    refused = next(response for response in responses if response.status_code == 402).json()["extra"]
+    assert refused["reason"] == "budget"
+    assert refused["monthly_gpu_hours"] == 1.0
+    assert refused["reserved_gpu_hours"] == pytest.approx(1.0)
+    assert refused["estimated_gpu_hours"] == 0.1
+    assert "month_resets_at" in refused
+    await _cancel_all(tenant)
+
+
+async def test_cost_zero_never_refused_for_budget(tenant_factory: Any) -> None:
+    tenant = await tenant_factory(monthly_gpu_hours=0.0, max_concurrent=1)
+
+    first = await tenant.client.post("/experiments", json=_body("test.free", **LONG_SLEEP))
+    second = await tenant.client.post("/experiments", json=_body("test.free", **LONG_SLEEP))
+    priced = await tenant.client.post("/experiments", json=_body(cost=0.5))
+
+    assert first.status_code == 201
+    assert second.status_code == 429
+    assert priced.status_code == 429
+    await _cancel_all(tenant)
+    costly = await tenant.client.post("/experiments", json=_body(cost=0.5))
+    assert costly.status_code == 402
+
+
+async def test_quota_route_shows_reservation(tenant_factory: Any) -> None:
+    tenant = await tenant_factory(monthly_gpu_hours=5.0, max_concurrent=3)
+    await tenant.client.post("/experiments", json=_body(cost=1.5, **LONG_SLEEP))
+
+    shown = (await tenant.client.get("/quota")).json()
+
+    assert shown["monthly_gpu_hours"] == 5.0
+    assert shown["reserved_gpu_hours"] == 1.5
+    assert shown["remaining_gpu_hours"] == 3.5
+    assert shown["active"] == 1
+    assert shown["max_concurrent"] == 3
+    await _cancel_all(tenant)
+
+
+async def _used(pool: asyncpg.Pool, org_id: uuid.UUID) -> float:
+    async with service_transaction(pool) as conn:
+        value: float = await conn.fetchval("SELECT used_gpu_hours FROM iiq.experiment_quota WHERE org_id = $1", org_id)
+    return value
+
+
+@pytest.mark.parametrize(
+    ("tool_id", "config", "expected"),
+    [
+        ("test.sleep", {"steps": 2, "step_seconds": 0.05}, Status.COMPLETED),
+        ("test.fail", {}, Status.FAILED),
+        ("test.short_timeout", {"seconds": 30}, Status.TIMED_OUT),
+    ],
+)
+async def test_terminal_state_charges_once(
+    server: Server, tenant: Tenant, tool_id: str, config: dict[str, Any], expected: Status
+) -> None:
+    pool = server.runtime.pool
+    target = {**TARGET, "gpu_count": 4}
+    experiment_id = await create_unqueued(pool, server.settings, tenant.org_id, tool_id, config, target)
+
+    status = await run_experiment(pool, experiment_id, RecordingBus(), settings=server.settings)
+
+    row = await fetch_experiment(pool, experiment_id)
+    assert status is expected
+    assert row["actual_gpu_hours"] > 0
+    assert await _used(pool, tenant.org_id) == pytest.approx(row["actual_gpu_hours"])
+    with pytest.raises(InvalidTransitionError):
+        async with service_transaction(pool) as conn:
+            await lifecycle.mark_ended(
+                conn, RecordingBus(), experiment_id, Status.FAILED, "again", 5.0, quota.utc_now()
+            )
+    assert await _used(pool, tenant.org_id) == pytest.approx(row["actual_gpu_hours"])
+
+
+async def test_cancelled_run_charges_its_time(server: Server, tenant: Tenant) -> None:
+    pool = server.runtime.pool
+    experiment_id = await create_unqueued(
+        pool,
+        server.settings,
+        tenant.org_id,
+        "test.sleep",
+        {"steps": 200, "step_seconds": 0.05},
+        {**TARGET, "gpu_count": 2},
+    )
+    started = time.monotonic()
+    run = asyncio.create_task(run_experiment(pool, experiment_id, RecordingBus(), settings=server.settings))
+    await asyncio.sleep(0.5)
+    await tenant.client.post(f"/experiments/{experiment_id}/cancel")
+    await asyncio.wait_for(run, timeout=10)
+    elapsed_hours = (time.monotonic() - started) / 3600
+
+    row = await fetch_experiment(pool, experiment_id)
+    assert row["status"] == "cancelled"
+    assert 0 < row["actual_gpu_hours"] <= elapsed_hours * 2
+    assert await _used(pool, tenant.org_id) == pytest.approx(row["actual_gpu_hours"])
+
+
+async def test_gpu_free_tool_charges_nothing(server: Server, tenant: Tenant) -> None:
+    pool = server.runtime.pool
+    experiment_id = await create_unqueued(
+        pool, server.settings, tenant.org_id, "test.free", {"steps": 2, "step_seconds": 0.05}, TARGET
+    )
+
+    await run_experiment(pool, experiment_id, RecordingBus(), settings=server.settings)
+
+    row = await fetch_experiment(pool, experiment_id)
+    assert row["status"] == "completed"
+    assert row["actual_gpu_hours"] == 0
+    assert await _used(pool, tenant.org_id) == 0
+
+
+async def test_cancel_before_start_charges_nothing(tenant: Tenant, server: Server) -> None:
+    experiment = (await tenant.client.post("/experiments", json=_body(**LONG_SLEEP))).json()
+    await tenant.client.post(f"/experiments/{experiment['id']}/cancel")
+
+    assert await _used(server.runtime.pool, tenant.org_id) == pytest.approx(0.0, abs=0.01)
+
+
+# --- monthly reset, with a controlled clock -------------------------------------------------
+
+
+def _utc(*parts: int) -> datetime:
+    return datetime(*parts, tzinfo=UTC)
+
+
+ROLLOVER_CASES = [
+    # (reset due at, now, expect a reset, next reset)
+    (_utc(2027, 2, 1), _utc(2027, 1, 31, 23, 59, 59), False, _utc(2027, 2, 1)),
+    (_utc(2027, 2, 1), _utc(2027, 2, 1, 0, 0, 0), True, _utc(2027, 3, 1)),
+    (_utc(2027, 2, 1), _utc(2027, 2, 1, 0, 0, 1), True, _utc(2027, 3, 1)),
+    (_utc(2028, 2, 1), _utc(2028, 2, 29, 12, 0, 0), True, _utc(2028, 3, 1)),
+    (_utc(2027, 3, 1), _utc(2027, 3, 31, 23, 59, 59), True, _utc(2027, 4, 1)),
+    (_utc(2027, 12, 1), _utc(2027, 12, 31, 23, 59, 59), True, _utc(2028, 1, 1)),
+]
+
+
+@pytest.mark.parametrize(("resets_at", "now", "resets", "next_reset"), ROLLOVER_CASES)
+@pytest.mark.parametrize("session_zone", ["UTC", "Pacific/Kiritimati", "America/Los_Angeles"])
+async def test_month_rollover(
+    server: Server,
+    tenant: Tenant,
+    resets_at: datetime,
+    now: datetime,
+    resets: bool,
+    next_reset: datetime,
+    session_zone: str,
+) -> None:
+    async with server.runtime.pool.acquire() as conn, conn.transaction():
+        await conn.execute(f"SET LOCAL TIME ZONE '{session_zone}'")
+        await conn.execute("SELECT set_config('app.rls_bypass', 'true', true)")
+        await conn.execute(
+            "UPDATE iiq.experiment_quota SET used_gpu_hours = 7, month_resets_at = $2 WHERE org_id = $1",
+            tenant.org_id,
+            resets_at,
+        )
+        await quota.charge(conn, tenant.org_id, 0.5, now)
+        row = await conn.fetchrow("SELECT * FROM iiq.experiment_quota WHERE org_id = $1", tenant.org_id)
+
+    assert row["used_gpu_hours"] == (0.5 if resets else 7.5)
+    assert row["month_resets_at"] == next_reset
+
+
+def test_next_month_start_ignores_process_zone() -> None:
+    original = os.environ.get("TZ")
+    os.environ["TZ"] = "Asia/Kolkata"
+    time.tzset()
+    try:
+        local_evening = datetime(2027, 1, 31, 23, 0, tzinfo=UTC).astimezone()
+        assert quota.next_month_start(local_evening) == _utc(2027, 2, 1)
+        assert quota.next_month_start(_utc(2027, 1, 31, 20, 0)) == _utc(2027, 2, 1)
+    finally:
+        if original is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = original
+        time.tzset()
+
+
+async def test_quota_route_applies_due_reset(server: Server, tenant: Tenant) -> None:
+    async with service_transaction(server.runtime.pool) as conn:
+        await conn.execute(
+            "UPDATE iiq.experiment_quota SET used_gpu_hours = 3, month_resets_at = $2 WHERE org_id = $1",
+            tenant.org_id,
+            quota.utc_now() - timedelta(seconds=1),
+        )
+
+    shown = (await tenant.client.get("/quota")).json()
+
+    assert shown["used_gpu_hours"] == 0
+    assert datetime.fromisoformat(shown["month_resets_at"]) == quota.next_month_start(quota.utc_now())
