@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+import asyncpg
 
 from iiq.errors import IIQError
 from iiq.logs import configure_logging
@@ -24,14 +27,27 @@ def _uuid(value: str) -> uuid.UUID:
 
 
 def _non_negative(value: str) -> float:
-    number = float(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number >= 0")
     return number
 
 
+def _name(value: str) -> str:
+    name = value.strip()
+    if not 1 <= len(name) <= 200:
+        raise argparse.ArgumentTypeError(f"a name must be 1 to 200 characters, got {len(name)}")
+    return name
+
+
 def _positive_int(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
     if number <= 0:
         raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
     return number
@@ -53,13 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     orgs = commands.add_parser("orgs", help="manage orgs").add_subparsers(dest="action", required=True)
     org_create = orgs.add_parser("create", help="create an org with the default quota")
-    org_create.add_argument("name", help="display name of the org")
+    org_create.add_argument("name", type=_name, help="display name of the org (1 to 200 characters)")
     org_create.add_argument("--json", action="store_true", help="print one JSON object")
 
     keys = commands.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
     key_create = keys.add_parser("create", help="create an API key; the key is shown once")
     key_create.add_argument("--org", type=_uuid, required=True, help="org id")
-    key_create.add_argument("--name", default="default", help="label of the key")
+    key_create.add_argument("--name", type=_name, default="default", help="label of the key (1 to 200 characters)")
     key_create.add_argument("--json", action="store_true", help="print one JSON object")
     key_revoke = keys.add_parser("revoke", help="revoke an API key; effective on the next request")
     key_revoke.add_argument("key_id", type=_uuid, help="id of the key (not the key itself)")
@@ -116,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except asyncpg.PostgresError as exc:
+        print(f"iiq: database error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"iiq: cannot reach the database: {exc}; check IIQ_DATABASE_URL", file=sys.stderr)
+        return 1
     if isinstance(result, int):
         return result
     if isinstance(result, dict):

@@ -14,7 +14,8 @@ from iiq import orgs as org_store
 from iiq.db.pool import connect_admin
 from iiq.db.tx import set_bypass
 from iiq.experiments import quota as quota_store
-from iiq.runtime import open_runtime, resolve_dsn, run_migrations, run_worker
+from iiq.runtime import open_runtime, resolve_dsn, run_migrations, run_worker, start_recovery
+from iiq.server import IIQServer
 from iiq.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=int(settings.cancel_grace_seconds) + 1,
     )
-    uvicorn.Server(config).run()
+    IIQServer(config, app).run()
     return 0
 
 
@@ -42,7 +43,13 @@ async def worker(settings: Settings, args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with open_runtime(settings, listen=False) as runtime:
-        await run_worker(runtime, stop=stop)
+        recovery_stop = asyncio.Event()
+        recovery = start_recovery(runtime, recovery_stop)
+        try:
+            await run_worker(runtime, stop=stop)
+        finally:
+            recovery_stop.set()
+            await recovery
 
 
 async def migrate(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:

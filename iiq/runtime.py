@@ -19,7 +19,9 @@ from iiq.db.pool import connect_admin, create_service_pool, service_server_setti
 from iiq.experiments.events import PostgresEventBus
 from iiq.experiments.hub import EventHub
 from iiq.experiments.registry import discover_tools
+from iiq.experiments.watchdog import LoopWatchdog
 from iiq.queue import tasks
+from iiq.queue.recovery import recovery_loop
 from iiq.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -102,7 +104,35 @@ async def open_runtime(
 
 
 async def run_worker(runtime: Runtime, *, stop: asyncio.Event) -> None:
-    """Run the procrastinate worker until `stop` is set, restarting it if it ends by itself."""
+    """Run the procrastinate worker and the loop watchdog until `stop` is set.
+
+    On `stop`, the worker takes no new job, gives running ones `cancel_grace_seconds` to
+    finish, then cancels them; the runner ends each cancelled run in a terminal state.
+    """
+    watchdog = LoopWatchdog(runtime.settings.loop_stall_seconds)
+    await watchdog.start()
+    try:
+        await _supervise_worker(runtime, stop)
+    finally:
+        await watchdog.stop()
+
+
+def start_recovery(runtime: Runtime, stop: asyncio.Event) -> asyncio.Task[None]:
+    """Sweep for runs of lost workers in the background; every iiq process runs one sweep."""
+    settings = runtime.settings
+    return asyncio.create_task(
+        recovery_loop(
+            runtime.pool,
+            runtime.bus,
+            interval_seconds=settings.recovery_interval_seconds,
+            lost_after_seconds=settings.worker_lost_seconds,
+            stop=stop,
+        ),
+        name="iiq-recovery",
+    )
+
+
+async def _supervise_worker(runtime: Runtime, stop: asyncio.Event) -> None:
     settings = runtime.settings
     name = settings.worker_name or f"iiq-worker-{uuid.uuid4().hex[:8]}"
     while not stop.is_set():
@@ -114,11 +144,14 @@ async def run_worker(runtime: Runtime, *, stop: asyncio.Event) -> None:
                 name=name,
                 install_signal_handlers=False,
                 shutdown_graceful_timeout=settings.cancel_grace_seconds,
+                update_heartbeat_interval=settings.worker_heartbeat_seconds,
+                stalled_worker_timeout=settings.worker_lost_seconds,
             )
         )
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({worker, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
+            # Cancelling run_worker_async is procrastinate's graceful stop request.
             worker.cancel()
             await asyncio.gather(worker, return_exceptions=True)
             break

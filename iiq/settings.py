@@ -33,6 +33,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Jobs one worker runs at once.
     worker_concurrency: int = 10
     worker_name: str = ""
+    # Seconds between a worker's heartbeats.
+    worker_heartbeat_seconds: float = 5.0
+    # Seconds without a heartbeat after which a worker counts as lost and its runs fail.
+    worker_lost_seconds: float = 30.0
+    # Seconds between sweeps for runs of lost workers.
+    recovery_interval_seconds: float = 10.0
+    # Seconds the event loop may be blocked before the stall is logged.
+    loop_stall_seconds: float = 1.0
     # Seconds between keep-alive comments on an idle event stream.
     sse_keepalive_seconds: float = 15.0
     # Largest event payload accepted by `ctx.emit`, bytes of compact JSON.
@@ -61,6 +69,10 @@ _POSITIVE = (
     "cancel_grace_seconds",
     "cancel_poll_seconds",
     "worker_concurrency",
+    "worker_heartbeat_seconds",
+    "worker_lost_seconds",
+    "recovery_interval_seconds",
+    "loop_stall_seconds",
     "sse_keepalive_seconds",
     "max_event_payload_bytes",
     "default_max_concurrent",
@@ -106,6 +118,11 @@ def _check(settings: Settings) -> None:
         raise ConfigurationError(
             f"{ENV_PREFIX}POOL_MIN_SIZE={settings.pool_min_size} exceeds "
             f"{ENV_PREFIX}POOL_MAX_SIZE={settings.pool_max_size}"
+        )
+    if settings.worker_lost_seconds <= 2 * settings.worker_heartbeat_seconds:
+        raise ConfigurationError(
+            f"{ENV_PREFIX}WORKER_LOST_SECONDS={settings.worker_lost_seconds} must exceed twice "
+            f"{ENV_PREFIX}WORKER_HEARTBEAT_SECONDS={settings.worker_heartbeat_seconds}, or live workers look lost"
         )
     if settings.log_format not in ("text", "json"):
         raise ConfigurationError(f"{ENV_PREFIX}LOG_FORMAT={settings.log_format!r} must be 'text' or 'json'")

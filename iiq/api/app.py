@@ -22,7 +22,7 @@ from iiq.api.metrics_route import metrics_route
 from iiq.api.resources import list_tools, read_artifact, read_quota
 from iiq.api.stream import stream_events
 from iiq.errors import IIQError
-from iiq.runtime import Runtime, open_runtime, run_worker
+from iiq.runtime import Runtime, open_runtime, run_worker, start_recovery
 from iiq.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,9 @@ def create_app(settings: Settings, *, with_worker: bool = True) -> Litestar:
             app.state.worker_stop = stop
             worker = asyncio.create_task(run_worker(runtime, stop=stop)) if with_worker else None
             app.state.worker_task = worker
+            # A separate event: the worker stops on SIGTERM, the sweep only at the very end.
+            recovery_stop = asyncio.Event()
+            recovery = start_recovery(runtime, recovery_stop)
             logger.info("iiq started", extra={"worker": with_worker, "version": __version__})
             try:
                 yield
@@ -71,6 +74,8 @@ def create_app(settings: Settings, *, with_worker: bool = True) -> Litestar:
                 stop.set()
                 if worker is not None:
                     await worker
+                recovery_stop.set()
+                await recovery
                 logger.info("iiq stopped")
 
     return Litestar(

@@ -73,5 +73,8 @@ def handle_unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> 
         return Response(
             _body(exc.status_code, exc.detail, extra), status_code=exc.status_code, headers=exc.headers or None
         )
+    if isinstance(exc, RecursionError):
+        # msgspec decodes recursively: a body nested a thousand levels deep exhausts the stack.
+        return Response(_body(400, "request body is nested too deeply: flatten the JSON"), status_code=400)
     logger.exception("unhandled error", extra={"path": request.url.path, "method": request.method})
     return Response(_body(500, "internal server error"), status_code=500)

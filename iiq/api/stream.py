@@ -81,6 +81,8 @@ async def _follow(
                 return  # the experiment was deleted while followed
             if state is not None and state["status"] in TERMINAL and after >= state["last_event_seq"]:
                 return
+            if subscription.closed:
+                return  # the process is shutting down; the client reconnects with Last-Event-ID
             if not events and not await subscription.wait(keepalive):
                 yield ServerSentEventMessage(comment="keep-alive", data=None)
     finally:

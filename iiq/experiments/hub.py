@@ -31,6 +31,8 @@ class Subscription:
         self.hub = hub
         self.experiment_id = experiment_id
         self._wake = asyncio.Event()
+        # Set when the process shuts down: the stream should end now.
+        self.closed = False
 
     def notify(self) -> None:
         self._wake.set()
@@ -60,6 +62,7 @@ class EventHub:
         self._lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self._closing = False
 
     @property
     def connected(self) -> bool:
@@ -70,6 +73,7 @@ class EventHub:
 
     def subscribe(self, experiment_id: uuid.UUID) -> Subscription:
         subscription = Subscription(self, experiment_id)
+        subscription.closed = self._closing
         self._subscribers.setdefault(experiment_id, set()).add(subscription)
         open_streams.inc()
         return subscription
@@ -82,6 +86,14 @@ class EventHub:
         open_streams.dec()
         if not subs:
             del self._subscribers[subscription.experiment_id]
+
+    def close_streams(self) -> None:
+        """Tell every stream of this process to end, for a prompt shutdown."""
+        self._closing = True
+        for subs in self._subscribers.values():
+            for subscription in subs:
+                subscription.closed = True
+                subscription.notify()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="iiq-event-hub")

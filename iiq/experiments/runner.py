@@ -27,6 +27,7 @@ from iiq.experiments.events import EventBus, append_event
 from iiq.experiments.quota import utc_now
 from iiq.experiments.registry import get_handler
 from iiq.experiments.states import Status
+from iiq.experiments.watchdog import handler_tasks
 from iiq.settings import Settings, load_settings
 
 logger = logging.getLogger(__name__)
@@ -143,9 +144,16 @@ async def run_experiment(
             collaborators=collaborators,
         )
         timeout = handler.timeout_seconds or row["timeout_seconds"]
-        status, message = await _supervise(
-            asyncio.create_task(handler.run(ctx)), backend, timeout, settings, log_fields
-        )
+        task = asyncio.create_task(handler.run(ctx), name=f"iiq-handler-{experiment_id}")
+        handler_tasks[task] = experiment_id
+        try:
+            status, message = await _supervise(task, backend, timeout, settings, log_fields)
+        except asyncio.CancelledError:
+            # The worker is shutting down and its grace period is over: end the run rather
+            # than leave it running with no one behind it.
+            message = "worker shut down before the run finished; submit the experiment again"
+            await asyncio.shield(_finish(db, bus, backend, Status.FAILED, message, clock, tool_id, log_fields))
+            raise
 
     return await _finish(db, bus, backend, status, message, clock, tool_id, log_fields)
 

@@ -58,6 +58,4 @@ async def init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     await conn.set_type_codec(
         "jsonb", schema="pg_catalog", encoder=_encode_jsonb, decoder=_decode_jsonb, format="binary"
     )
-    await conn.set_type_codec(
-        "json", schema="pg_catalog", encoder=encode_json, decoder=decode_json, format="binary"
-    )
+    await conn.set_type_codec("json", schema="pg_catalog", encoder=encode_json, decoder=decode_json, format="binary")

@@ -159,9 +159,7 @@ class AsyncpgConnector(connector.BaseAsyncConnector):
         with _wrap_driver_errors():
             await pool.close()
 
-    async def _fetch(
-        self, connection: Connection, query: str, arguments: dict[str, Any]
-    ) -> list[asyncpg.Record]:
+    async def _fetch(self, connection: Connection, query: str, arguments: dict[str, Any]) -> list[asyncpg.Record]:
         sql, names = translate_query(query)
         try:
             values = [arguments[name] for name in names]
@@ -204,14 +202,10 @@ class AsyncpgConnector(connector.BaseAsyncConnector):
             async with self.pool.acquire() as connection:
                 await connection.execute(sql)
 
-    async def execute_query_one_async(
-        self, query: LiteralString, **arguments: Any
-    ) -> dict[str, Any]:
+    async def execute_query_one_async(self, query: LiteralString, **arguments: Any) -> dict[str, Any]:
         return _first_row(await self._fetch_on_pool(query, arguments))
 
-    async def execute_query_all_async(
-        self, query: LiteralString, **arguments: Any
-    ) -> list[dict[str, Any]]:
+    async def execute_query_all_async(self, query: LiteralString, **arguments: Any) -> list[dict[str, Any]]:
         return [dict(row) for row in await self._fetch_on_pool(query, arguments)]
 
     async def execute_query_one_async_with_connection(
@@ -227,9 +221,7 @@ class AsyncpgConnector(connector.BaseAsyncConnector):
         rows = await self._fetch_on_connection(connection, query, arguments)
         return [dict(row) for row in rows]
 
-    async def listen_notify(
-        self, on_notification: connector.Notify, channels: Iterable[str]
-    ) -> None:
+    async def listen_notify(self, on_notification: connector.Notify, channels: Iterable[str]) -> None:
         """Relay notifications on `channels` to `on_notification` until cancelled.
 
         Uses a dedicated connection outside the pool and reconnects whenever it is lost.
@@ -277,8 +269,7 @@ class AsyncpgConnector(connector.BaseAsyncConnector):
 
 def _convert(values: list[Any], converters: Sequence[Callable[[Any], Any] | None]) -> list[Any]:
     return [
-        value if converter is None else converter(value)
-        for value, converter in zip(values, converters, strict=True)
+        value if converter is None else converter(value) for value, converter in zip(values, converters, strict=True)
     ]
 
 

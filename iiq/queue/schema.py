@@ -28,15 +28,11 @@ SELECT EXISTS (
 def quote_identifier(name: str) -> str:
     """Quote a Postgres identifier, doubling any embedded double quote."""
     if not name or "\x00" in name:
-        raise ValueError(
-            f"invalid Postgres identifier {name!r}: use a non-empty name without NUL characters"
-        )
+        raise ValueError(f"invalid Postgres identifier {name!r}: use a non-empty name without NUL characters")
     return '"' + name.replace('"', '""') + '"'
 
 
-async def install_procrastinate_schema(
-    conn: asyncpg.Connection[asyncpg.Record], schema: str = "procrastinate"
-) -> bool:
+async def install_procrastinate_schema(conn: asyncpg.Connection[asyncpg.Record], schema: str = "procrastinate") -> bool:
     """Create `schema` and apply procrastinate's schema SQL in it, unless its jobs table exists.
 
     Returns True when this call installed the schema and False when it was already there.

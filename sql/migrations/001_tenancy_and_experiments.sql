@@ -64,7 +64,8 @@ CREATE TABLE iiq.experiments (
     status                text NOT NULL CHECK (
                               status IN ('pending', 'queued', 'running', 'completed',
                                          'failed', 'cancelled', 'timed_out')),
-    estimated_gpu_hours   double precision NOT NULL CHECK (estimated_gpu_hours >= 0),
+    estimated_gpu_hours   double precision NOT NULL
+                          CHECK (estimated_gpu_hours >= 0 AND estimated_gpu_hours <> 'NaN'),
     actual_gpu_hours      double precision CHECK (actual_gpu_hours >= 0),
     -- GPUs the run holds while it runs: 0 for tools that hold none.
     gpu_count             integer NOT NULL CHECK (gpu_count >= 0),
@@ -100,9 +101,11 @@ CREATE INDEX experiment_events_org ON iiq.experiment_events (org_id, experiment_
 
 CREATE TABLE iiq.experiment_quota (
     org_id             uuid PRIMARY KEY REFERENCES iiq.orgs (id) ON DELETE CASCADE,
-    monthly_gpu_hours  double precision NOT NULL CHECK (monthly_gpu_hours >= 0),
+    -- 'NaN' sorts above every number in Postgres, so `>= 0` alone would admit it.
+    monthly_gpu_hours  double precision NOT NULL CHECK (monthly_gpu_hours >= 0 AND monthly_gpu_hours <> 'NaN'),
     max_concurrent     integer NOT NULL CHECK (max_concurrent > 0),
-    used_gpu_hours     double precision NOT NULL DEFAULT 0 CHECK (used_gpu_hours >= 0),
+    used_gpu_hours     double precision NOT NULL DEFAULT 0
+                           CHECK (used_gpu_hours >= 0 AND used_gpu_hours <> 'NaN'),
     month_resets_at    timestamptz NOT NULL,
     updated_at         timestamptz NOT NULL DEFAULT now()
 );

@@ -1,0 +1,39 @@
+-- name: find_lost_runs
+-- Running experiments whose job is gone, finished, or held by a worker whose heartbeat is
+-- older than $1 seconds (a pruned worker leaves worker_id NULL). $1 also spares runs that
+-- started moments ago.
+SELECT e.id, e.job_id, e.tool_id
+FROM iiq.experiments e
+LEFT JOIN procrastinate.procrastinate_jobs j ON j.id = e.job_id
+LEFT JOIN procrastinate.procrastinate_workers w ON w.id = j.worker_id
+WHERE e.status = 'running'
+  AND e.started_at < now() - make_interval(secs => $1)
+  AND (j.id IS NULL OR j.status <> 'doing' OR w.id IS NULL
+       OR w.last_heartbeat < now() - make_interval(secs => $1));
+
+-- name: find_lost_queued_jobs
+-- Jobs a lost worker had fetched before its run was marked running: the handler never
+-- started, so the job can go back to the queue.
+SELECT j.id AS job_id, e.id
+FROM iiq.experiments e
+JOIN procrastinate.procrastinate_jobs j ON j.id = e.job_id
+LEFT JOIN procrastinate.procrastinate_workers w ON w.id = j.worker_id
+WHERE e.status = 'queued'
+  AND j.status = 'doing'
+  AND (w.id IS NULL OR w.last_heartbeat < now() - make_interval(secs => $1));
+
+-- name: lock_running_experiment
+SELECT id, org_id, tool_id, gpu_count, job_id,
+       extract(epoch FROM now() - started_at)::float8 AS running_seconds
+FROM iiq.experiments
+WHERE id = $1 AND status = 'running'
+FOR UPDATE;
+
+-- name: finish_lost_job
+-- Deletes the lost run's job, whatever state procrastinate left it in.
+DELETE FROM procrastinate.procrastinate_jobs WHERE id = $1;
+
+-- name: requeue_lost_job
+UPDATE procrastinate.procrastinate_jobs
+SET status = 'todo', worker_id = NULL
+WHERE id = $1 AND status = 'doing';
