@@ -19,9 +19,9 @@ from iiq.db.pool import connect_admin, create_service_pool, service_server_setti
 from iiq.experiments.events import PostgresEventBus
 from iiq.experiments.hub import EventHub
 from iiq.experiments.registry import discover_tools
-from iiq.experiments.watchdog import LoopWatchdog
+from iiq.experiments.watchdog import LoopWatchdog, handler_tasks
 from iiq.queue import tasks
-from iiq.queue.recovery import recovery_loop
+from iiq.queue.recovery import heartbeat_loop, recovery_loop
 from iiq.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -111,9 +111,22 @@ async def run_worker(runtime: Runtime, *, stop: asyncio.Event) -> None:
     """
     watchdog = LoopWatchdog(runtime.settings.loop_stall_seconds)
     await watchdog.start()
+    # Runs on after `stop`, while the worker drains its jobs, and ends with the worker.
+    heartbeat_stop = asyncio.Event()
+    heartbeat = asyncio.create_task(
+        heartbeat_loop(
+            runtime.pool,
+            lambda: set(handler_tasks.values()),
+            interval_seconds=runtime.settings.worker_heartbeat_seconds,
+            stop=heartbeat_stop,
+        ),
+        name="iiq-run-heartbeat",
+    )
     try:
         await _supervise_worker(runtime, stop)
     finally:
+        heartbeat_stop.set()
+        await heartbeat
         await watchdog.stop()
 
 

@@ -154,6 +154,8 @@ async def run_experiment(
             message = "worker shut down before the run finished; submit the experiment again"
             await asyncio.shield(_finish(db, bus, backend, Status.FAILED, message, clock, tool_id, log_fields))
             raise
+        finally:
+            handler_tasks.pop(task, None)
 
     return await _finish(db, bus, backend, status, message, clock, tool_id, log_fields)
 

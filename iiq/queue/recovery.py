@@ -1,11 +1,12 @@
 """Recovery of runs whose worker died (kill -9, OOM, lost machine).
 
-procrastinate only records that a worker stopped sending heartbeats; nothing fails its
-jobs. Every worker process runs `recovery_loop`, which ends such runs as failed, charges the
-GPU-hours they used, writes the terminal event and deletes the job, all in one transaction
-per run. The guarded UPDATE makes concurrent sweeps by several workers harmless. A worker
-restarted under the same name registers a new worker row, so its predecessor's jobs still
-look lost.
+Each worker process refreshes `heartbeat_at` of the runs it holds (`heartbeat_loop`), also
+while it drains them during a graceful shutdown, when procrastinate's own worker heartbeat has
+already stopped. Every iiq process runs `recovery_loop`, which ends runs with a stale heartbeat
+as failed, charges the GPU-hours they used, writes the terminal event and deletes the job, all
+in one transaction per run. The guarded UPDATE makes concurrent sweeps harmless. A worker
+restarted under the same name does not refresh its predecessor's runs, so they still look
+lost.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable, Iterable
 
 import asyncpg
 
@@ -76,6 +78,24 @@ async def _end_lost_run(pool: asyncpg.Pool, bus: EventBus, experiment_id: uuid.U
     )
     metrics.experiments_completed_total.labels(row["tool_id"], Status.FAILED.value).inc()
     return True
+
+
+async def heartbeat_loop(
+    pool: asyncpg.Pool, running: Callable[[], Iterable[uuid.UUID]], *, interval_seconds: float, stop: asyncio.Event
+) -> None:
+    """Refresh `heartbeat_at` of the runs `running()` returns, every `interval_seconds`, until `stop`."""
+    while not stop.is_set():
+        ids = list(running())
+        if ids:
+            try:
+                async with service_transaction(pool) as conn:
+                    await conn.execute(query("beat_running"), ids)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                logger.error("run heartbeat failed; retrying next interval", extra={"error": repr(exc)})
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval_seconds)
+        except TimeoutError:
+            pass
 
 
 async def recovery_loop(

@@ -76,6 +76,8 @@ CREATE TABLE iiq.experiments (
     job_id                bigint,
     last_event_seq        integer NOT NULL DEFAULT 0,
     cancel_requested_at   timestamptz,
+    -- Refreshed by the worker process running the experiment; a stale one means the worker is lost.
+    heartbeat_at          timestamptz,
     created_at            timestamptz NOT NULL DEFAULT now(),
     queued_at             timestamptz,
     started_at            timestamptz,

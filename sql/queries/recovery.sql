@@ -1,15 +1,14 @@
 -- name: find_lost_runs
--- Running experiments whose job is gone, finished, or held by a worker whose heartbeat is
--- older than $1 seconds (a pruned worker leaves worker_id NULL). $1 also spares runs that
--- started moments ago.
-SELECT e.id, e.job_id, e.tool_id
-FROM iiq.experiments e
-LEFT JOIN procrastinate.procrastinate_jobs j ON j.id = e.job_id
-LEFT JOIN procrastinate.procrastinate_workers w ON w.id = j.worker_id
-WHERE e.status = 'running'
-  AND e.started_at < now() - make_interval(secs => $1)
-  AND (j.id IS NULL OR j.status <> 'doing' OR w.id IS NULL
-       OR w.last_heartbeat < now() - make_interval(secs => $1));
+-- Running experiments whose worker process has not refreshed heartbeat_at for $1 seconds.
+SELECT id, job_id, tool_id
+FROM iiq.experiments
+WHERE status = 'running'
+  AND coalesce(heartbeat_at, started_at) < now() - make_interval(secs => $1);
+
+-- name: beat_running
+UPDATE iiq.experiments
+SET heartbeat_at = now()
+WHERE id = ANY($1::uuid[]) AND status = 'running';
 
 -- name: find_lost_queued_jobs
 -- Jobs a lost worker had fetched before its run was marked running: the handler never
