@@ -8,6 +8,7 @@ import logging
 import signal
 from typing import Any
 
+import prometheus_client
 import uvicorn
 
 from iiq import orgs as org_store
@@ -38,6 +39,12 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def worker(settings: Settings, args: argparse.Namespace) -> None:
+    if settings.worker_metrics_port:
+        # A worker has no API; its run counters and histograms need an endpoint of their own.
+        prometheus_client.start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
+        logger.info(
+            "worker metrics served", extra={"host": settings.worker_metrics_host, "port": settings.worker_metrics_port}
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 
 class IIQError(Exception):
@@ -15,6 +16,10 @@ class ConfigurationError(IIQError):
 
 class DuplicateToolError(ConfigurationError):
     """A second `ToolHandler` was registered under a tool_id that is already taken."""
+
+
+class AuthenticationError(IIQError):
+    """The request's credentials are missing, invalid, expired or revoked (HTTP 401)."""
 
 
 class NotFoundError(IIQError):
@@ -68,3 +73,15 @@ class ConflictError(IIQError):
 
 class EventTooLargeError(IIQError):
     """An event payload is over the documented maximum size."""
+
+
+class IdempotencyKeyReused(IIQError):
+    """An Idempotency-Key was sent again with a different request (HTTP 422)."""
+
+    def __init__(self, key: str, expires_at: datetime) -> None:
+        super().__init__(
+            f"Idempotency-Key {key!r} was already used for a different request (another route or body) "
+            f"and stays reserved until {expires_at.isoformat()}: send a new key for a different request"
+        )
+        self.key = key
+        self.expires_at = expires_at

@@ -23,6 +23,8 @@ from iiq.errors import NotFoundError
 from iiq.experiments import quota
 
 _KEY_PATTERN = re.compile(r"^iiq_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
+# The start of an API key anywhere in a string, such as "Bearer iiq_<prefix>_..." in a query value.
+_KEY_FRAGMENT = re.compile(r"iiq_[0-9a-f]{16}_")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,11 @@ class NewKey:
     prefix: str
     secret: str
     created_at: datetime
+
+
+def looks_like_api_key(value: str) -> bool:
+    """Tell whether `value` is, starts like, or contains an API key; a truncated key counts too."""
+    return value.startswith("iiq_") or _KEY_FRAGMENT.search(value) is not None
 
 
 def hash_key(key: str) -> bytes:

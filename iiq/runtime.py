@@ -16,6 +16,7 @@ import procrastinate
 from iiq.db.embedded import start_embedded
 from iiq.db.migrate import migrate
 from iiq.db.pool import connect_admin, create_service_pool, service_server_settings
+from iiq.errors import ConfigurationError
 from iiq.experiments.events import PostgresEventBus
 from iiq.experiments.hub import EventHub
 from iiq.experiments.registry import discover_tools
@@ -25,6 +26,9 @@ from iiq.queue.recovery import heartbeat_loop, recovery_loop
 from iiq.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+# Names the LISTEN connection in pg_stat_activity, for operators and tests.
+LISTEN_APPLICATION_NAME = "iiq-listen"
 
 
 @dataclass
@@ -81,7 +85,7 @@ async def open_runtime(
     if auto_migrate:
         await run_migrations(dsn)
     elif await pending_migrations(dsn):
-        raise RuntimeError("the database has pending migrations: run `iiq migrate` first")
+        raise ConfigurationError("the database has pending migrations: run `iiq migrate` first")
 
     pool = await create_service_pool(dsn, min_size=settings.pool_min_size, max_size=settings.pool_max_size)
     runtime = Runtime(settings=settings, dsn=dsn, pool=pool, bus=PostgresEventBus())
@@ -89,7 +93,8 @@ async def open_runtime(
         if listen:
 
             async def connect() -> asyncpg.Connection:
-                conn: asyncpg.Connection = await asyncpg.connect(dsn, server_settings=service_server_settings())
+                server_settings = {**service_server_settings(), "application_name": LISTEN_APPLICATION_NAME}
+                conn: asyncpg.Connection = await asyncpg.connect(dsn, server_settings=server_settings)
                 return conn
 
             runtime.hub = EventHub(connect)

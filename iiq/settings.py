@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -11,6 +12,11 @@ import msgspec
 from iiq.errors import ConfigurationError
 
 ENV_PREFIX = "IIQ_"
+
+# A stream token travels in a URL, which access logs and browser history keep, so it must be short-lived.
+MAX_STREAM_TOKEN_TTL_SECONDS = 86400.0
+# Browsers send Origin as scheme://host[:port] with no path, and Litestar matches it exactly (`*` is a wildcard).
+_ORIGIN = re.compile(r"^https?://[^/\s]+$")
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -33,6 +39,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Jobs one worker runs at once.
     worker_concurrency: int = 10
     worker_name: str = ""
+    # Port on which `iiq worker` serves /metrics (0: none); `iiq serve` serves them with the API.
+    worker_metrics_port: int = 0
+    worker_metrics_host: str = "127.0.0.1"
     # Seconds between a worker's heartbeats.
     worker_heartbeat_seconds: float = 5.0
     # Seconds without a heartbeat after which a worker counts as lost and its runs fail.
@@ -43,11 +52,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     loop_stall_seconds: float = 1.0
     # Seconds between keep-alive comments on an idle event stream.
     sse_keepalive_seconds: float = 15.0
+    # Lifetime of a stream token, seconds. EventSource reconnects reuse the token's URL, so a token must
+    # outlive the gaps between reconnects. A stream already open runs on after its token expires.
+    stream_token_ttl_seconds: float = 600.0
+    # Origins allowed to call the API from a browser (CORS), comma-separated, such as
+    # "https://app.example.com". "*" allows every origin, and empty turns CORS off.
+    cors_origins: str = ""
     # Largest event payload accepted by `ctx.emit`, bytes of compact JSON.
     max_event_payload_bytes: int = 65536
     # Quota of a new org.
     default_monthly_gpu_hours: float = 100.0
     default_max_concurrent: int = 5
+    # Seconds an Idempotency-Key stays bound to the experiment its first request created; a
+    # retry after that creates a new experiment. Default: 24 hours.
+    idempotency_key_ttl_seconds: float = 86400.0
     # Extra modules to import at start-up, comma-separated; each registers its tools.
     tool_modules: str = ""
     log_format: str = "text"
@@ -56,6 +74,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def artifact_dir(self) -> Path:
         return Path(self.data_dir) / "artifacts"
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     @property
     def embedded(self) -> bool:
@@ -74,8 +96,10 @@ _POSITIVE = (
     "recovery_interval_seconds",
     "loop_stall_seconds",
     "sse_keepalive_seconds",
+    "stream_token_ttl_seconds",
     "max_event_payload_bytes",
     "default_max_concurrent",
+    "idempotency_key_ttl_seconds",
 )
 
 
@@ -124,6 +148,19 @@ def _check(settings: Settings) -> None:
             f"{ENV_PREFIX}WORKER_LOST_SECONDS={settings.worker_lost_seconds} must exceed twice "
             f"{ENV_PREFIX}WORKER_HEARTBEAT_SECONDS={settings.worker_heartbeat_seconds}, or live workers look lost"
         )
+    if settings.stream_token_ttl_seconds > MAX_STREAM_TOKEN_TTL_SECONDS:
+        raise ConfigurationError(
+            f"{ENV_PREFIX}STREAM_TOKEN_TTL_SECONDS={settings.stream_token_ttl_seconds} exceeds "
+            f"{MAX_STREAM_TOKEN_TTL_SECONDS:.0f}: stream tokens travel in URLs, so keep them short-lived"
+        )
+    for origin in settings.cors_origin_list:
+        if origin != "*" and not _ORIGIN.match(origin):
+            raise ConfigurationError(
+                f"{ENV_PREFIX}CORS_ORIGINS contains {origin!r}: write each origin as scheme://host[:port] "
+                "with no path or trailing slash, such as https://app.example.com, or '*' for every origin"
+            )
+    if not 0 <= settings.worker_metrics_port <= 65535:
+        raise ConfigurationError(f"{ENV_PREFIX}WORKER_METRICS_PORT={settings.worker_metrics_port} is not a TCP port")
     if settings.log_format not in ("text", "json"):
         raise ConfigurationError(f"{ENV_PREFIX}LOG_FORMAT={settings.log_format!r} must be 'text' or 'json'")
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -94,8 +94,12 @@ MODELS: Final[dict[str, ModelSpec]] = {
         _model("meta-llama/Llama-3.2-1B-Instruct", 16, 2048, 32, 8, 8192, 128256, 131072, True, False, 1_235_814_400),
         _model("meta-llama/Llama-3.2-3B-Instruct", 28, 3072, 24, 8, 8192, 128256, 131072, True, False, 3_212_749_824),
         _model("meta-llama/Llama-3.1-8B-Instruct", 32, 4096, 32, 8, 14336, 128256, 131072, False, False, 8_030_261_248),
-        _model("meta-llama/Llama-3.1-70B-Instruct", 80, 8192, 64, 8, 28672, 128256, 131072, False, False, 70_553_706_496),
-        _model("meta-llama/Llama-3.3-70B-Instruct", 80, 8192, 64, 8, 28672, 128256, 131072, False, False, 70_553_706_496),
+        _model(
+            "meta-llama/Llama-3.1-70B-Instruct", 80, 8192, 64, 8, 28672, 128256, 131072, False, False, 70_553_706_496
+        ),
+        _model(
+            "meta-llama/Llama-3.3-70B-Instruct", 80, 8192, 64, 8, 28672, 128256, 131072, False, False, 70_553_706_496
+        ),
         _model("mistralai/Mistral-7B-Instruct-v0.3", 32, 4096, 32, 8, 14336, 32768, 32768, False, False, 7_248_023_552),
         _model("Qwen/Qwen2.5-0.5B-Instruct", 24, 896, 14, 2, 4864, 151936, 32768, True, True, 494_032_768),
         _model("Qwen/Qwen2.5-1.5B-Instruct", 28, 1536, 12, 2, 8960, 151936, 32768, True, True, 1_543_714_304),

@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 from litestar import Litestar, Response, get
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
@@ -20,7 +21,8 @@ from iiq.api.errors import handle_iiq_error, handle_postgres_error, handle_unexp
 from iiq.api.experiments import ExperimentController
 from iiq.api.metrics_route import metrics_route
 from iiq.api.resources import list_tools, read_artifact, read_quota
-from iiq.api.stream import stream_events
+from iiq.api.stream import create_stream_token, stream_events
+from iiq.api.templates import TemplateController
 from iiq.errors import IIQError
 from iiq.runtime import Runtime, open_runtime, run_worker, start_recovery
 from iiq.settings import Settings
@@ -81,7 +83,9 @@ def create_app(settings: Settings, *, with_worker: bool = True) -> Litestar:
     return Litestar(
         route_handlers=[
             ExperimentController,
+            TemplateController,
             stream_events,
+            create_stream_token,
             read_quota,
             list_tools,
             read_artifact,
@@ -102,4 +106,23 @@ def create_app(settings: Settings, *, with_worker: bool = True) -> Litestar:
         lifespan=[lifespan],
         openapi_config=OpenAPIConfig(title="iiq", version=__version__, path="/schema"),
         request_max_body_size=MAX_BODY_BYTES,
+        cors_config=_cors_config(settings),
+        # iiq configures logging itself (IIQ_LOG_FORMAT, IIQ_LOG_LEVEL); Litestar's default would replace it.
+        logging_config=None,
+    )
+
+
+def _cors_config(settings: Settings) -> CORSConfig | None:
+    """Build the CORS config for the configured origins, or None (no CORS headers) when none are set.
+
+    Credentials are API keys in the Authorization header, never cookies, so credentialed CORS stays off.
+    """
+    if not settings.cors_origin_list:
+        return None
+    return CORSConfig(
+        allow_origins=settings.cors_origin_list,
+        allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+        allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key"],
+        # Scripts see only CORS-safelisted response headers unless listed: a 429 carries Retry-After.
+        expose_headers=["Retry-After", "Idempotent-Replayed"],
     )

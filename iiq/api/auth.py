@@ -1,18 +1,22 @@
-"""API-key authentication and the per-request, org-scoped transaction."""
+"""API-key and stream-token authentication, and the per-request, org-scoped transaction."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
 import asyncpg
 from litestar import Request
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.exceptions import NotAuthorizedException
+from litestar.params import FromPath, QueryParameter
 
 from iiq.db.tx import set_org
-from iiq.orgs import Principal, authenticate
+from iiq.orgs import Principal, authenticate, looks_like_api_key
 from iiq.runtime import Runtime
+from iiq.stream_tokens import authenticate_stream_token
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="iiq"'}
 
@@ -36,6 +40,43 @@ async def provide_principal(request: Request, state: State) -> Principal:
     if principal is None:
         raise NotAuthorizedException("invalid or revoked API key", headers=_CHALLENGE)
     return principal
+
+
+async def provide_stream_principal(
+    request: Request[Any, Any, Any],
+    state: State,
+    experiment_id: FromPath[uuid.UUID],
+    stream_token: Annotated[
+        str | None,
+        QueryParameter(
+            description="A token from POST /experiments/{experiment_id}/stream-tokens, for clients such as a "
+            "browser's EventSource that cannot send an Authorization header; never an API key",
+        ),
+    ] = None,
+) -> Principal:
+    """Authenticate the event stream by the Authorization header, or by `?stream_token=` for this experiment.
+
+    When both are sent, the header is used. A URL reaches access logs, so an API key anywhere in
+    the query string is rejected with 401 before anything else, even next to a valid header.
+    """
+    for name, value in request.query_params.multi_items():
+        if looks_like_api_key(value):
+            raise NotAuthorizedException(
+                f"query parameter {name!r} contains an API key: API keys are accepted only in the Authorization "
+                "header. URLs are written to access logs, so rotate that key. A browser's EventSource passes "
+                f"a stream token from POST /experiments/{experiment_id}/stream-tokens as ?stream_token= instead",
+                headers=_CHALLENGE,
+            )
+
+    if request.headers.get("authorization"):
+        return await provide_principal(request, state)
+    if stream_token is None:
+        raise NotAuthorizedException(
+            "missing credentials: send 'Authorization: Bearer <API key>', or, from a browser's EventSource, "
+            f"pass ?stream_token= with a token from POST /experiments/{experiment_id}/stream-tokens",
+            headers=_CHALLENGE,
+        )
+    return await authenticate_stream_token(provide_runtime(state).pool, stream_token, experiment_id)
 
 
 async def provide_org_conn(principal: NamedDependency[Principal], state: State) -> AsyncIterator[asyncpg.Connection]:

@@ -10,8 +10,10 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
 from iiq.errors import (
+    AuthenticationError,
     ConflictError,
     EventTooLargeError,
+    IdempotencyKeyReused,
     IIQError,
     InvalidTransitionError,
     NotFoundError,
@@ -38,6 +40,9 @@ def handle_iiq_error(request: Request[Any, Any, Any], exc: IIQError) -> Response
     extra: Any = None
     if isinstance(exc, NotFoundError):
         status = 404
+    elif isinstance(exc, AuthenticationError):
+        status = 401
+        headers["WWW-Authenticate"] = 'Bearer realm="iiq"'
     elif isinstance(exc, ValidationFailed):
         status = 422
         extra = {"errors": exc.errors}
@@ -48,6 +53,9 @@ def handle_iiq_error(request: Request[Any, Any, Any], exc: IIQError) -> Response
         extra = {"reason": exc.reason, **exc.details}
         if exc.retry_after is not None:
             headers["Retry-After"] = str(exc.retry_after)
+    elif isinstance(exc, IdempotencyKeyReused):
+        status = 422
+        extra = {"idempotency_key": exc.key, "expires_at": exc.expires_at.isoformat()}
     elif isinstance(exc, ConflictError | InvalidTransitionError):
         status = 409
     elif isinstance(exc, EventTooLargeError):

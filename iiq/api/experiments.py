@@ -1,24 +1,26 @@
-"""Routes for experiments: create, read, list, cancel."""
+"""Routes for experiments: create (directly or from a template), read, list, cancel."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import asyncpg
-from litestar import Controller, get, post
+import msgspec
+from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import ValidationException
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
-from iiq.api.responses import CREATE_RESPONSES, READ_RESPONSES
-from iiq.api.schemas import CreateExperiment, Experiment, ExperimentPage
+from iiq.api.responses import CREATE_RESPONSES, FROM_TEMPLATE_RESPONSES, IDEMPOTENCY_HEADERS, READ_RESPONSES
+from iiq.api.schemas import CreateExperiment, Experiment, ExperimentPage, TemplateOverrides
 from iiq.db.queries import query
 from iiq.errors import NotFoundError
-from iiq.experiments import lifecycle
+from iiq.experiments import idempotency, lifecycle, templates
 from iiq.experiments.create import create_experiment
 from iiq.experiments.quota import utc_now
 from iiq.experiments.states import Status
@@ -26,6 +28,22 @@ from iiq.orgs import Principal
 from iiq.runtime import Runtime
 
 MAX_PAGE = 200
+
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name=idempotency.HEADER,
+        required=False,
+        description=(
+            f"A value unique to this create, 1 to {idempotency.MAX_KEY_LENGTH} characters, such as a UUID. "
+            "A retry with the same key and the same request returns the experiment the first request created "
+            "(201 with `Idempotent-Replayed: true`) and reserves no more quota; the same key with a different "
+            "route or body is rejected with 422. Keys are scoped to the org and expire "
+            "IIQ_IDEMPOTENCY_KEY_TTL_SECONDS after first use (24 hours by default). A request that was rejected "
+            "leaves no key behind."
+        ),
+    ),
+]
 
 
 def encode_cursor(created_at: datetime, experiment_id: uuid.UUID) -> str:
@@ -40,31 +58,108 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise ValidationException(f"invalid cursor {cursor[:100]!r}: pass the next_cursor of a previous page") from None
 
 
+def _or_empty(override: dict[str, Any] | msgspec.UnsetType) -> dict[str, Any]:
+    return {} if isinstance(override, msgspec.UnsetType) else override
+
+
+async def _create_with_key(
+    conn: asyncpg.Connection,
+    principal: Principal,
+    runtime: Runtime,
+    key: str | None,
+    route: str,
+    body: Any,
+    create: Callable[[], Awaitable[asyncpg.Record]],
+) -> Response[Experiment]:
+    if key is None:
+        return Response(Experiment.from_row(await create()), status_code=201)
+
+    problem = idempotency.check_key(key)
+    if problem is not None:
+        raise ValidationException(problem)
+    outcome = await idempotency.create_once(
+        conn,
+        principal.org_id,
+        key,
+        idempotency.request_hash(route, body),
+        runtime.settings.idempotency_key_ttl_seconds,
+        create,
+    )
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
+    return Response(Experiment.from_row(outcome.row), status_code=201, headers=headers)
+
+
 class ExperimentController(Controller):
     path = "/experiments"
     tags = ["experiments"]
 
-    @post("/", status_code=201, responses=CREATE_RESPONSES, summary="Create an experiment")
+    @post(
+        "/",
+        status_code=201,
+        responses=CREATE_RESPONSES,
+        response_headers=IDEMPOTENCY_HEADERS,
+        summary="Create an experiment",
+    )
     async def create(
         self,
         data: JSONBody[CreateExperiment],
         principal: NamedDependency[Principal],
         conn: NamedDependency[asyncpg.Connection],
         runtime: NamedDependency[Runtime],
-    ) -> Experiment:
-        row = await create_experiment(
-            conn,
-            runtime.bus,
-            runtime.defer_run,
-            runtime.settings,
-            principal,
-            tool_id=data.tool_id,
-            target=data.target,
-            input_config=data.input_config,
-            goal=data.goal,
-            now=utc_now(),
-        )
-        return Experiment.from_row(row)
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[Experiment]:
+        async def create() -> asyncpg.Record:
+            return await create_experiment(
+                conn,
+                runtime.bus,
+                runtime.defer_run,
+                runtime.settings,
+                principal,
+                tool_id=data.tool_id,
+                target=data.target,
+                input_config=data.input_config,
+                goal=data.goal,
+                now=utc_now(),
+            )
+
+        body = msgspec.to_builtins(data)
+        return await _create_with_key(conn, principal, runtime, idempotency_key, "POST /experiments", body, create)
+
+    @post(
+        "/from-template/{template_id:uuid}",
+        status_code=201,
+        responses=FROM_TEMPLATE_RESPONSES,
+        response_headers=IDEMPOTENCY_HEADERS,
+        summary="Create an experiment from a template, with overrides deep-merged over its configuration",
+    )
+    async def create_from_template(
+        self,
+        template_id: FromPath[uuid.UUID],
+        principal: NamedDependency[Principal],
+        conn: NamedDependency[asyncpg.Connection],
+        runtime: NamedDependency[Runtime],
+        data: JSONBody[TemplateOverrides | None] = None,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[Experiment]:
+        overrides = data or TemplateOverrides()
+
+        async def create() -> asyncpg.Record:
+            return await templates.create_from_template(
+                conn,
+                runtime.bus,
+                runtime.defer_run,
+                runtime.settings,
+                principal,
+                template_id,
+                target=_or_empty(overrides.target),
+                input_config=_or_empty(overrides.input_config),
+                goal=overrides.goal,
+                now=utc_now(),
+            )
+
+        route = f"POST /experiments/from-template/{template_id}"
+        body = msgspec.to_builtins(overrides)
+        return await _create_with_key(conn, principal, runtime, idempotency_key, route, body, create)
 
     @get("/{experiment_id:uuid}", responses=READ_RESPONSES, summary="Read one experiment")
     async def read(self, experiment_id: FromPath[uuid.UUID], conn: NamedDependency[asyncpg.Connection]) -> Experiment:

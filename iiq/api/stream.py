@@ -4,22 +4,32 @@ The stream subscribes to the LISTEN hub before it replays, so an event committed
 replay wakes it and is read once. The SSE `id` of each message is the event's sequence
 number; a reconnecting client sends it back as `Last-Event-ID` and gets only later events.
 The stream ends after the terminal status event.
+
+Browsers: `EventSource` cannot send an Authorization header, so `POST .../stream-tokens`
+issues a short-lived token for one experiment's stream, passed as `?stream_token=` (see
+`iiq.stream_tokens` for what a token may do and why that is safe in a URL).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
+import asyncpg
 import msgspec
-from litestar import get
-from litestar.di import NamedDependency
+from litestar import Response, get, post
+from litestar.datastructures import CacheControlHeader
+from litestar.di import NamedDependency, Provide
 from litestar.exceptions import ServiceUnavailableException, ValidationException
-from litestar.params import FromPath, HeaderParameter
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
+from litestar.status_codes import HTTP_204_NO_CONTENT
 
+from iiq.api.auth import provide_stream_principal
 from iiq.api.responses import READ_RESPONSES
+from iiq.api.schemas import StreamToken
 from iiq.db.queries import query
 from iiq.db.tx import org_transaction
 from iiq.errors import NotFoundError
@@ -28,6 +38,7 @@ from iiq.experiments.hub import EventHub
 from iiq.experiments.states import STATUS_EVENT, TERMINAL
 from iiq.orgs import Principal
 from iiq.runtime import Runtime
+from iiq.stream_tokens import issue_stream_token
 
 _BATCH = 500
 
@@ -92,17 +103,36 @@ async def _follow(
 @get(
     "/experiments/{experiment_id:uuid}/events",
     media_type="text/event-stream",
-    responses=READ_RESPONSES,
+    responses={
+        **READ_RESPONSES,
+        204: ResponseSpec(data_container=None, description="The terminal event was already delivered"),
+    },
     tags=["experiments"],
     summary="Follow an experiment's events (Server-Sent Events)",
+    description="Authenticate with the Authorization header or, from a browser's EventSource, with "
+    "`?stream_token=`. Answers 204 No Content once the terminal event has been delivered, which makes "
+    "EventSource stop reconnecting.",
+    # This route alone also accepts a stream token. Every other route takes only the header.
+    dependencies={"principal": Provide(provide_stream_principal)},
 )
 async def stream_events(
     experiment_id: FromPath[uuid.UUID],
     principal: NamedDependency[Principal],
     runtime: NamedDependency[Runtime],
     last_event_id: Annotated[str | None, HeaderParameter(name="Last-Event-ID", required=False, max_length=40)] = None,
-) -> ServerSentEvent:
-    after = parse_last_event_id(last_event_id)
+    last_event_id_query: Annotated[
+        str | None,
+        QueryParameter(
+            name="last_event_id",
+            required=False,
+            max_length=40,
+            description="Resume after this event id in a new EventSource, which cannot set Last-Event-ID. "
+            "The header, which EventSource sends on its own reconnects, takes precedence",
+        ),
+    ] = None,
+) -> Response[Any]:
+    # EventSource reconnects to the URL it was opened with, so the query value is the stale one.
+    after = parse_last_event_id(last_event_id if last_event_id else last_event_id_query)
     if runtime.hub is None:
         raise ServiceUnavailableException("this process does not serve event streams")
     async with org_transaction(runtime.pool, principal.org_id) as conn:
@@ -113,4 +143,36 @@ async def stream_events(
         raise ValidationException(
             f"Last-Event-ID {after} is beyond the last event ({row['last_event_seq']}) of experiment {experiment_id}"
         )
+    if row["status"] in TERMINAL and after >= row["last_event_seq"]:
+        # EventSource reconnects whenever a stream ends, so a browser that has seen the terminal event
+        # would reconnect every few seconds. Any status but 200 makes it fail the connection for good
+        # (HTML Standard, server-sent events processing model), and 204 says that nothing more comes.
+        return Response(content=None, status_code=HTTP_204_NO_CONTENT)
     return ServerSentEvent(_follow(runtime, runtime.hub, principal, experiment_id, after))
+
+
+@post(
+    "/experiments/{experiment_id:uuid}/stream-tokens",
+    status_code=201,
+    responses=READ_RESPONSES,
+    tags=["experiments"],
+    summary="Issue a short-lived token that opens this experiment's event stream from a browser",
+    description="The token opens `GET /experiments/{experiment_id}/events?stream_token=...` of this experiment "
+    "only, read-only, until `expires_at`. It authenticates no other route. Pass it where a header cannot be "
+    "sent, as with a browser's EventSource, and never put an API key in a URL.",
+    # The body contains a credential: no cache may keep it.
+    cache_control=CacheControlHeader(no_store=True),
+)
+async def create_stream_token(
+    experiment_id: FromPath[uuid.UUID],
+    principal: NamedDependency[Principal],
+    conn: NamedDependency[asyncpg.Connection],
+    runtime: NamedDependency[Runtime],
+) -> StreamToken:
+    issued = await issue_stream_token(conn, principal, experiment_id, runtime.settings.stream_token_ttl_seconds)
+    return StreamToken(
+        token=issued.token,
+        experiment_id=issued.experiment_id,
+        expires_at=issued.expires_at,
+        events_url=issued.events_url,
+    )

@@ -5,6 +5,7 @@ All of it runs in the caller's transaction, so a refusal or an error leaves noth
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import uuid
@@ -13,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from iiq.db.queries import query
 from iiq.errors import QuotaExceeded, UnknownToolError, ValidationFailed
@@ -29,6 +31,17 @@ Defer = Callable[[asyncpg.Connection, uuid.UUID], Awaitable[int]]
 
 MAX_GPU_COUNT = 64
 _MAX_TEXT = 200
+
+
+def canonical_json(value: Any) -> bytes:
+    """Encode `value` as compact JSON with object keys sorted at every depth, so key order never changes the bytes."""
+    return msgspec.json.encode(value, order="sorted")
+
+
+def config_hash(tool_id: str, target: dict[str, Any], input_config: dict[str, Any], goal: str | None) -> str:
+    """Return ``sha256:<hex>`` of the canonical JSON of an experiment's whole configuration."""
+    config = {"tool_id": tool_id, "target": target, "input_config": input_config, "goal": goal}
+    return "sha256:" + hashlib.sha256(canonical_json(config)).hexdigest()
 
 
 def _check_target(target: dict[str, Any], goal: str | None) -> list[str]:
@@ -93,7 +106,9 @@ async def create_experiment(
     input_config: dict[str, Any],
     goal: str | None,
     now: datetime,
+    template_id: uuid.UUID | None = None,
 ) -> asyncpg.Record:
+    """Create and queue an experiment; `template_id` records the template it was made from."""
     handler = get_handler(tool_id)
     if handler is None:
         raise UnknownToolError(tool_id, [h.tool_id for h in all_handlers()])
@@ -120,6 +135,8 @@ async def create_experiment(
         gpu_count,
         timeout,
         principal.created_by,
+        template_id,
+        config_hash(tool_id, target, input_config, goal),
     )
     # Nobody can follow the experiment before this transaction commits, so the pending event
     # needs no notification of its own: the one for `queued` wakes readers for both.

@@ -17,7 +17,7 @@ import asyncpg
 
 from iiq.db.queries import query
 from iiq.errors import ConflictError, InvalidTransitionError, NotFoundError
-from iiq.experiments import quota
+from iiq.experiments import metrics, quota
 from iiq.experiments.events import EventBus, StoredEvent, append_event
 from iiq.experiments.states import STATUS_EVENT, Status
 
@@ -35,6 +35,7 @@ async def emit_status(
         conn, row["id"], STATUS_EVENT, row["status"], body, max_payload_bytes=_STATUS_EVENT_LIMIT
     )
     await bus.publish(conn, event)
+    metrics.experiment_events_total.labels(STATUS_EVENT).inc()
     return event
 
 
@@ -53,11 +54,14 @@ async def mark_queued(conn: asyncpg.Connection, bus: EventBus, experiment_id: uu
     return row
 
 
-async def mark_running(conn: asyncpg.Connection, bus: EventBus, experiment_id: uuid.UUID) -> asyncpg.Record:
+async def mark_running(
+    conn: asyncpg.Connection, bus: EventBus, experiment_id: uuid.UUID, worker: str
+) -> asyncpg.Record:
+    """Start a queued experiment; `worker` names the process that runs it, in the event."""
     row = await conn.fetchrow(query("mark_running"), experiment_id)
     if row is None:
         await _raise_invalid(conn, experiment_id, Status.RUNNING)
-    await emit_status(conn, bus, row)
+    await emit_status(conn, bus, row, {"worker": worker})
     return row
 
 
@@ -129,6 +133,7 @@ async def cancel(
             conn, experiment_id, "cancel_requested", Status.RUNNING.value, {}, max_payload_bytes=_STATUS_EVENT_LIMIT
         )
         await bus.publish(conn, event)
+        metrics.experiment_events_total.labels(event.event_type).inc()
         return flagged
 
     if status is Status.CANCELLED:

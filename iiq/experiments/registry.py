@@ -112,7 +112,7 @@ def discover_tools(extra_modules: str = "") -> list[str]:
 
 def _import_tree(module_name: str) -> None:
     module = importlib.import_module(module_name)
-    logger.debug("tool module imported", extra={"module": module_name})
+    logger.debug("tool module imported", extra={"tool_module": module_name})
     if hasattr(module, "__path__"):
         for info in pkgutil.iter_modules(module.__path__, prefix=f"{module_name}."):
             if not info.name.rsplit(".", 1)[-1].startswith("_"):

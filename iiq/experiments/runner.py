@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import socket
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -31,6 +33,9 @@ from iiq.experiments.watchdog import handler_tasks
 from iiq.settings import Settings, load_settings
 
 logger = logging.getLogger(__name__)
+
+# Host and process id of this worker, shown in each run's `running` event.
+WORKER_IDENTITY = f"{socket.gethostname()}:{os.getpid()}"
 
 # Event types the engine writes itself; a handler emitting them would confuse streams.
 RESERVED_EVENT_TYPES = frozenset({"status", "cancel_requested"})
@@ -110,7 +115,7 @@ async def run_experiment(
 
     try:
         async with service_transaction(db) as conn:
-            row = await lifecycle.mark_running(conn, bus, experiment_id)
+            row = await lifecycle.mark_running(conn, bus, experiment_id, WORKER_IDENTITY)
     except InvalidTransitionError as exc:
         logger.info("experiment not started: not queued", extra={**log_fields, "status": exc.current})
         return Status(exc.current) if exc.current else Status.FAILED

@@ -22,7 +22,9 @@ $$;
 DO $$
 BEGIN
     -- A non-superuser owner must be a member to SET ROLE iiq_service on its connections.
-    IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+    -- Granting again to a member without ADMIN OPTION fails, so members are left alone.
+    IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+       AND NOT pg_has_role(current_user, 'iiq_service', 'MEMBER') THEN
         EXECUTE format('GRANT iiq_service TO %I', current_user);
     END IF;
 END

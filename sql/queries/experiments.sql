@@ -1,9 +1,9 @@
 -- name: insert_experiment
 INSERT INTO iiq.experiments (
     id, org_id, tool_id, target, input_config, goal, status,
-    estimated_gpu_hours, gpu_count, timeout_seconds, created_by, created_at
+    estimated_gpu_hours, gpu_count, timeout_seconds, created_by, template_id, config_hash, created_at
 )
-VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8, $9, $10, now())
+VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8, $9, $10, $11, $12, now())
 RETURNING *;
 
 -- name: mark_queued

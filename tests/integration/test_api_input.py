@@ -127,7 +127,9 @@ async def test_create_l5_errors_match_validate(tenant: Tenant) -> None:
     target = {**L5_TARGET, "hardware": "TPU-v9"}
     config = {**L5_CONFIG, "batch_sizes": [], "prompt_tokens": 0, "colour": "blue"}
 
-    response = await tenant.client.post("/experiments", json={"tool_id": "L5", "target": target, "input_config": config})
+    response = await tenant.client.post(
+        "/experiments", json={"tool_id": "L5", "target": target, "input_config": config}
+    )
 
     assert response.status_code == 422, response.text
     expected = l5_batching.validate({**config, "target": target})
@@ -183,8 +185,9 @@ async def test_create_body_over_limit(tenant: Tenant) -> None:
 
 async def test_create_body_under_limit(tenant: Tenant) -> None:
     padding = "x" * (MAX_BODY_BYTES - 10_000)
-    body = json.dumps({"tool_id": "test.sleep", "target": SLEEP_TARGET,
-                       "input_config": {"steps": 0, "padding": padding}})
+    body = json.dumps(
+        {"tool_id": "test.sleep", "target": SLEEP_TARGET, "input_config": {"steps": 0, "padding": padding}}
+    )
 
     response = await post_raw(tenant, body.encode())
 
@@ -194,7 +197,7 @@ async def test_create_body_under_limit(tenant: Tenant) -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        b'{"tool_id": "test.sleep", "target": {"model_id": "m", "hardware": "h"}, "input_config": {"note": "a\\u0000b"}}',
+        b'{"tool_id": "test.sleep", "target": {"model_id": "m", "hardware": "h"}, "input_config": {"note": "a\\u0000b"}}',  # noqa: E501
         b'{"tool_id": "test.sleep", "target": {"model_id": "m", "hardware": "h"}, "input_config": {"a\\u0000": 1}}',
         b'{"tool_id": "test.sleep", "target": {"model_id": "m", "hardware": "h", "note": "\\u0000"}}',
     ],
@@ -207,7 +210,9 @@ async def test_create_nul_character(tenant: Tenant, body: bytes) -> None:
 
 
 async def test_create_nul_character_leaves_nothing(tenant: Tenant) -> None:
-    body = b'{"tool_id": "test.sleep", "target": {"model_id": "m", "hardware": "h"}, "input_config": {"note": "\\u0000"}}'
+    body = (
+        b'{"tool_id": "test.sleep", "target": {"model_id": "m", "hardware": "h"}, "input_config": {"note": "\\u0000"}}'
+    )
 
     response = await post_raw(tenant, body)
     listing = await tenant.client.get("/experiments")
@@ -223,7 +228,9 @@ async def test_create_deeply_nested_config(tenant: Tenant, depth: int) -> None:
     # A few kilobytes, far below the body limit, but nested past the default Python recursion
     # limit of 1000, which bounds the JSON decoder.
     nested = "[" * depth + "]" * depth
-    body = '{"tool_id": "test.sleep", "target": {"model_id": "m", "hardware": "h"}, "input_config": {"d": ' + nested + "}}"
+    body = (
+        '{"tool_id": "test.sleep", "target": {"model_id": "m", "hardware": "h"}, "input_config": {"d": ' + nested + "}}"
+    )
 
     response = await post_raw(tenant, body.encode())
 
@@ -282,8 +289,9 @@ async def test_tool_example_creates(tenant: Tenant, tool_id: str) -> None:
     response = await tenant.client.post("/experiments", json=body)
 
     assert response.status_code == 201, response.text
-    expected_estimate = SHIPPED_TOOLS[tool_id].estimate_cost({**tool["example_input_config"],
-                                                              "target": tool["example_target"]})
+    expected_estimate = SHIPPED_TOOLS[tool_id].estimate_cost(
+        {**tool["example_input_config"], "target": tool["example_target"]}
+    )
     assert response.json()["estimated_gpu_hours"] == pytest.approx(expected_estimate)
 
 
@@ -326,8 +334,16 @@ async def test_read_unknown_id(tenant: Tenant) -> None:
         {"cursor": "bm90IGEgY3Vyc29y"},
         {"cursor": "x" * 600},
     ],
-    ids=["status-bogus", "limit-0", "limit-negative", "limit-201", "limit-text", "cursor-garbage",
-         "cursor-base64-text", "cursor-too-long"],
+    ids=[
+        "status-bogus",
+        "limit-0",
+        "limit-negative",
+        "limit-201",
+        "limit-text",
+        "cursor-garbage",
+        "cursor-base64-text",
+        "cursor-too-long",
+    ],
 )
 async def test_list_invalid_filter(tenant: Tenant, params: dict[str, str]) -> None:
     response = await tenant.client.get("/experiments", params=params)
@@ -346,8 +362,9 @@ async def test_events_invalid_last_event_id(tenant: Tenant, last_event_id: str) 
     body = {"tool_id": "test.sleep", "target": SLEEP_TARGET, "input_config": {"steps": 1}}
     experiment_id = (await tenant.client.post("/experiments", json=body)).json()["id"]
 
-    async with tenant.client.stream("GET", f"/experiments/{experiment_id}/events",
-                                    headers={"Last-Event-ID": last_event_id}, timeout=10.0) as response:
+    async with tenant.client.stream(
+        "GET", f"/experiments/{experiment_id}/events", headers={"Last-Event-ID": last_event_id}, timeout=10.0
+    ) as response:
         status = response.status_code
 
     assert status == 400
@@ -393,8 +410,9 @@ async def test_auth_rejects_wrong_secret(server: Server, tenant: Tenant) -> None
     # Same prefix as a real key, so the row is found but the hash differs.
     prefix = tenant.api_key.split("_")[1]
     forged = f"iiq_{prefix}_{secrets.token_urlsafe(32)}"
-    async with httpx.AsyncClient(base_url=server.base_url, headers={"Authorization": f"Bearer {forged}"},
-                                 timeout=30.0) as client:
+    async with httpx.AsyncClient(
+        base_url=server.base_url, headers={"Authorization": f"Bearer {forged}"}, timeout=30.0
+    ) as client:
         response = await client.get("/experiments")
 
     assert response.status_code == 401, response.text
@@ -416,8 +434,9 @@ async def test_auth_required_on_route(server: Server, path: str) -> None:
 
 async def test_auth_required_on_create(server: Server) -> None:
     async with httpx.AsyncClient(base_url=server.base_url, timeout=30.0) as client:
-        response = await client.post("/experiments", json={"tool_id": "L5", "target": L5_TARGET,
-                                                             "input_config": L5_CONFIG})
+        response = await client.post(
+            "/experiments", json={"tool_id": "L5", "target": L5_TARGET, "input_config": L5_CONFIG}
+        )
 
     assert response.status_code == 401, response.text
 

@@ -35,8 +35,14 @@ async def run_cli(database_url: str, *args: str) -> Completed:
     """Run `python -m iiq.cli ARGS` with IIQ_DATABASE_URL set; kill it after CLI_TIMEOUT seconds."""
     env = {**os.environ, "IIQ_DATABASE_URL": database_url, "IIQ_LOG_LEVEL": "WARNING"}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "iiq.cli", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=REPO_ROOT,
+        sys.executable,
+        "-m",
+        "iiq.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=REPO_ROOT,
     )
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=CLI_TIMEOUT)
@@ -95,8 +101,13 @@ async def empty_database(admin_url: str) -> AsyncIterator[str]:
 
 async def test_module_runs_help() -> None:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "iiq.cli", "--help",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT,
+        sys.executable,
+        "-m",
+        "iiq.cli",
+        "--help",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO_ROOT,
     )
     stdout, _ = await asyncio.wait_for(process.communicate(), timeout=CLI_TIMEOUT)
 
@@ -117,8 +128,9 @@ async def test_orgs_create_stores_row(database_url: str) -> None:
     conn = await asyncpg.connect(database_url)
     try:
         name = await conn.fetchval("SELECT name FROM iiq.orgs WHERE id = $1", uuid.UUID(org_id))
-        quota_rows = await conn.fetchval("SELECT count(*) FROM iiq.experiment_quota WHERE org_id = $1",
-                                         uuid.UUID(org_id))
+        quota_rows = await conn.fetchval(
+            "SELECT count(*) FROM iiq.experiment_quota WHERE org_id = $1", uuid.UUID(org_id)
+        )
     finally:
         await conn.close()
 
@@ -267,8 +279,9 @@ async def test_quota_set_monthly_hours(database_url: str, server: Server) -> Non
     async with client_for(server, key["api_key"]) as client:
         before = (await client.get("/quota")).json()
 
-        result = parse_json(await run_cli(database_url, "quota", "set", "--org", org_id,
-                                          "--monthly-gpu-hours", "12.5", "--json"))
+        result = parse_json(
+            await run_cli(database_url, "quota", "set", "--org", org_id, "--monthly-gpu-hours", "12.5", "--json")
+        )
         after = (await client.get("/quota")).json()
 
     assert result["monthly_gpu_hours"] == 12.5

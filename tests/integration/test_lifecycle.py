@@ -22,13 +22,17 @@ SHIPPED = [
         {"weight_formats": ["bf16", "fp8", "int4-awq"], "batch_size": 32, "prompt_tokens": 512, "output_tokens": 256},
         3,
     ),
-    ("L0", {
+    (
+        "L0",
+        {
             "hardware": ["H100-SXM", "A100-80GB", "L4"],
             "weight_format": "bf16",
             "batch_size": 16,
             "prompt_tokens": 512,
             "output_tokens": 256,
-        }, 3),
+        },
+        3,
+    ),
 ]
 
 

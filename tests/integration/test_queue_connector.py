@@ -32,9 +32,7 @@ SERVER_SETTINGS = {"search_path": "procrastinate,public"}
 # Upper bound for every wait in this module, in seconds.
 TIMEOUT = 15.0
 # Short listener timings so that loss and recovery happen within a test.
-FAST_LISTEN = ListenOptions(
-    check_interval=0.3, check_timeout=0.5, connect_timeout=2.0, reconnect_initial_delay=0.05
-)
+FAST_LISTEN = ListenOptions(check_interval=0.3, check_timeout=0.5, connect_timeout=2.0, reconnect_initial_delay=0.05)
 
 
 def dsn_for_database(admin_url: str, name: str) -> str:
@@ -167,9 +165,7 @@ async def test_schema_manager_apply_via_connector(database_dsn: str) -> None:
         await admin.execute("CREATE SCHEMA procrastinate_manager")
     finally:
         await admin.close()
-    connector = AsyncpgConnector(
-        dsn=database_dsn, server_settings={"search_path": "procrastinate_manager"}
-    )
+    connector = AsyncpgConnector(dsn=database_dsn, server_settings={"search_path": "procrastinate_manager"})
 
     await connector.open_async()
     try:
@@ -205,12 +201,8 @@ async def test_repeated_parameter_and_escaped_percent(harness: Harness) -> None:
     ("value", "expected"),
     [(5, "5 SECOND"), (2.5, "2.5 SECOND"), ("7", "7 SECOND"), (True, "true SECOND")],
 )
-async def test_text_parameter_accepts_non_string(
-    harness: Harness, value: object, expected: str
-) -> None:
-    row = await harness.connector.execute_query_one_async(
-        "SELECT %(value)s || ' SECOND' AS text", value=value
-    )
+async def test_text_parameter_accepts_non_string(harness: Harness, value: object, expected: str) -> None:
+    row = await harness.connector.execute_query_one_async("SELECT %(value)s || ' SECOND' AS text", value=value)
 
     assert row["text"] == expected
 
@@ -285,9 +277,7 @@ async def test_worker_runs_deferred_job(harness: Harness) -> None:
     args = {"nested": {"values": [1, "é", None, 2**70]}}
     job_id = await harness.record_call.defer_async(payload=args)
 
-    worker = harness.app.run_worker_async(
-        wait=False, install_signal_handlers=False, listen_notify=False
-    )
+    worker = harness.app.run_worker_async(wait=False, install_signal_handlers=False, listen_notify=False)
     await asyncio.wait_for(worker, TIMEOUT)
 
     assert harness.executed == [{"payload": args}]
@@ -297,16 +287,13 @@ async def test_worker_runs_deferred_job(harness: Harness) -> None:
 async def test_worker_wakes_on_notification(harness: Harness) -> None:
     # With a 60 s polling interval only the LISTEN notification can start the job in time.
     worker = asyncio.create_task(
-        harness.app.run_worker_async(
-            install_signal_handlers=False, fetch_job_polling_interval=60, listen_notify=True
-        )
+        harness.app.run_worker_async(install_signal_handlers=False, fetch_job_polling_interval=60, listen_notify=True)
     )
     try:
 
         async def worker_listening() -> bool:
             count: int = await harness.pool.fetchval(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND query LIKE 'LISTEN %'"
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %'"
             )
             return count > 0
 
@@ -343,9 +330,7 @@ async def test_transactional_defer_committed_leaves_job(harness: Harness) -> Non
             # Another session does not see the job before the commit.
             assert await harness.job_count() == 0
 
-    row = await harness.pool.fetchrow(
-        "SELECT status, args FROM procrastinate_jobs WHERE id = $1", job_id
-    )
+    row = await harness.pool.fetchrow("SELECT status, args FROM procrastinate_jobs WHERE id = $1", job_id)
     assert row is not None
     assert row["status"] == "todo"
     assert row["args"] == {"value": 1}
@@ -602,15 +587,11 @@ async def start_listening(
 
 
 async def listener_pids(pool: asyncpg.Pool, application_name: str) -> list[int]:
-    rows = await pool.fetch(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = $1", application_name
-    )
+    rows = await pool.fetch("SELECT pid FROM pg_stat_activity WHERE application_name = $1", application_name)
     return [row["pid"] for row in rows]
 
 
-async def notify_until_received(
-    pool: asyncpg.Pool, listening: Listening, channel: str = "iiq_test_channel"
-) -> str:
+async def notify_until_received(pool: asyncpg.Pool, listening: Listening, channel: str = "iiq_test_channel") -> str:
     """Send numbered notifications until one arrives, and return its payload.
 
     A notification sent before the LISTEN is active is lost, so a single one could be missed.
@@ -620,9 +601,7 @@ async def notify_until_received(
             payload = f"{uuid.uuid4().hex}-{number}"
             await pool.execute("SELECT pg_notify($1, $2)", channel, payload)
             try:
-                received_channel, received_payload = await asyncio.wait_for(
-                    listening.received.get(), 0.2
-                )
+                received_channel, received_payload = await asyncio.wait_for(listening.received.get(), 0.2)
             except TimeoutError:
                 continue
             assert received_channel == channel
@@ -740,9 +719,7 @@ async def test_listener_cancel_closes_connection(
     assert listening.task.cancelled()
 
 
-async def test_listener_callback_error_propagates(
-    database_dsn: str, pool: asyncpg.Pool
-) -> None:
+async def test_listener_callback_error_propagates(database_dsn: str, pool: asyncpg.Pool) -> None:
     connector = AsyncpgConnector(dsn=database_dsn, listen_options=FAST_LISTEN)
 
     async def on_notification(*, channel: str, payload: str) -> None:

@@ -44,8 +44,10 @@ async def wait_for_status(tenant: Tenant, experiment_id: str, statuses: set[str]
         if body["status"] in statuses:
             return body
         await asyncio.sleep(0.05)
-    raise AssertionError(f"experiment {experiment_id} is {body.get('status')!r} after {WAIT_SECONDS} s; "
-                         f"expected one of {sorted(statuses)}")
+    raise AssertionError(
+        f"experiment {experiment_id} is {body.get('status')!r} after {WAIT_SECONDS} s; "
+        f"expected one of {sorted(statuses)}"
+    )
 
 
 @dataclass
@@ -64,24 +66,38 @@ async def orgs(server: Server, database_url: str) -> AsyncIterator[TwoOrgs]:
     a = await make_tenant(database_url, server.base_url, name="org A")
     b = await make_tenant(database_url, server.base_url, name="org B")
     try:
-        completed = await a.client.post("/experiments", json={
-            "tool_id": "L5", "target": dict(l5_batching.EXAMPLE_TARGET),
-            "input_config": dict(l5_batching.EXAMPLE_INPUT_CONFIG),
-        })
+        completed = await a.client.post(
+            "/experiments",
+            json={
+                "tool_id": "L5",
+                "target": dict(l5_batching.EXAMPLE_TARGET),
+                "input_config": dict(l5_batching.EXAMPLE_INPUT_CONFIG),
+            },
+        )
         assert completed.status_code == 201, completed.text
         completed_id = completed.json()["id"]
         await wait_for_status(a, completed_id, TERMINAL)
 
-        running = await a.client.post("/experiments", json={
-            "tool_id": "test.sleep", "target": SLEEP_TARGET, "input_config": LONG_SLEEP,
-        })
+        running = await a.client.post(
+            "/experiments",
+            json={
+                "tool_id": "test.sleep",
+                "target": SLEEP_TARGET,
+                "input_config": LONG_SLEEP,
+            },
+        )
         assert running.status_code == 201, running.text
         running_id = running.json()["id"]
         await wait_for_status(a, running_id, {"running"})
 
-        other = await b.client.post("/experiments", json={
-            "tool_id": "test.sleep", "target": SLEEP_TARGET, "input_config": {"steps": 1},
-        })
+        other = await b.client.post(
+            "/experiments",
+            json={
+                "tool_id": "test.sleep",
+                "target": SLEEP_TARGET,
+                "input_config": {"steps": 1},
+            },
+        )
         assert other.status_code == 201, other.text
         other_id = other.json()["id"]
         await wait_for_status(b, other_id, TERMINAL)
@@ -282,8 +298,7 @@ async def test_role_with_org_sees_own(orgs: TwoOrgs, admin: asyncpg.Connection, 
         await admin.execute(f"SET LOCAL ROLE {SERVICE_ROLE}")
         await admin.execute("SELECT set_config('app.org_id', $1, true)", str(orgs.a.org_id))
         visible_own = await admin.fetchval(f"SELECT count(*) FROM iiq.{table} WHERE {column} = $1", orgs.a.org_id)
-        visible_other = await admin.fetchval(f"SELECT count(*) FROM iiq.{table} WHERE {column} <> $1",
-                                             orgs.a.org_id)
+        visible_other = await admin.fetchval(f"SELECT count(*) FROM iiq.{table} WHERE {column} <> $1", orgs.a.org_id)
 
     assert own_total > 0, f"org A has no rows in iiq.{table}, so this check proves nothing"
     assert other_total > 0, f"no other org has rows in iiq.{table}, so this check proves nothing"
@@ -317,7 +332,8 @@ async def test_role_insert_other_org_experiment(orgs: TwoOrgs, admin: asyncpg.Co
                                              estimated_gpu_hours, gpu_count, timeout_seconds)
                 VALUES ($1, $2, 'test.sleep', '{}'::jsonb, '{}'::jsonb, 'pending', 0, 0, 60)
                 """,
-                uuid.uuid4(), orgs.b.org_id,
+                uuid.uuid4(),
+                orgs.b.org_id,
             )
 
 
@@ -327,7 +343,10 @@ async def test_role_insert_other_org_key(orgs: TwoOrgs, admin: asyncpg.Connectio
             await role_as_org_a(admin, orgs)
             await admin.execute(
                 "INSERT INTO iiq.api_keys (id, org_id, prefix, key_hash, name) VALUES ($1, $2, $3, $4, 'forged')",
-                uuid.uuid4(), orgs.b.org_id, uuid.uuid4().hex[:16], b"\x00" * 32,
+                uuid.uuid4(),
+                orgs.b.org_id,
+                uuid.uuid4().hex[:16],
+                b"\x00" * 32,
             )
 
 
@@ -338,7 +357,8 @@ async def test_role_insert_other_org_event(orgs: TwoOrgs, admin: asyncpg.Connect
             await admin.execute(
                 "INSERT INTO iiq.experiment_events (org_id, experiment_id, seq, event_type) "
                 "VALUES ($1, $2, 100000, 'forged')",
-                orgs.b.org_id, uuid.UUID(orgs.running_id),
+                orgs.b.org_id,
+                uuid.UUID(orgs.running_id),
             )
 
 
@@ -346,16 +366,18 @@ async def test_role_move_row_to_other_org(orgs: TwoOrgs, admin: asyncpg.Connecti
     with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
         async with admin.transaction():
             await role_as_org_a(admin, orgs)
-            await admin.execute("UPDATE iiq.experiments SET org_id = $1 WHERE id = $2",
-                                orgs.b.org_id, uuid.UUID(orgs.completed_id))
+            await admin.execute(
+                "UPDATE iiq.experiments SET org_id = $1 WHERE id = $2", orgs.b.org_id, uuid.UUID(orgs.completed_id)
+            )
 
 
 async def test_role_cannot_update_other_org(orgs: TwoOrgs, admin: asyncpg.Connection) -> None:
     async with admin.transaction():
         await admin.execute(f"SET LOCAL ROLE {SERVICE_ROLE}")
         await admin.execute("SELECT set_config('app.org_id', $1, true)", str(orgs.b.org_id))
-        updated = await admin.execute("UPDATE iiq.experiments SET cancel_requested_at = now() WHERE id = $1",
-                                      uuid.UUID(orgs.running_id))
+        updated = await admin.execute(
+            "UPDATE iiq.experiments SET cancel_requested_at = now() WHERE id = $1", uuid.UUID(orgs.running_id)
+        )
         deleted = await admin.execute("DELETE FROM iiq.experiments WHERE id = $1", uuid.UUID(orgs.completed_id))
 
     assert updated == "UPDATE 0"
