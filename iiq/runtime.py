@@ -97,7 +97,7 @@ async def open_runtime(
                 conn: asyncpg.Connection = await asyncpg.connect(dsn, server_settings=server_settings)
                 return conn
 
-            runtime.hub = EventHub(connect)
+            runtime.hub = EventHub(connect, pool=pool)
             await runtime.hub.start()
         runtime.queue = tasks.build_queue_app(runtime)
         async with runtime.queue.open_async():

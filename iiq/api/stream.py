@@ -78,23 +78,27 @@ async def _follow(
     subscription = hub.subscribe(experiment_id)
     try:
         while True:
-            async with org_transaction(runtime.pool, principal.org_id) as conn:
-                events = await read_events(conn, experiment_id, after, _BATCH)
-                state = None if events else await conn.fetchrow(query("get_experiment"), experiment_id)
+            events = subscription.feed.events_after(after)
+            from_table = events is None
+            state = None
+            if events is None:
+                async with org_transaction(runtime.pool, principal.org_id) as conn:
+                    events = await read_events(conn, experiment_id, after, _BATCH)
+                    state = None if events else await conn.fetchrow(query("get_experiment"), experiment_id)
             for event in events:
                 yield _message(event)
                 after = event.seq
                 if _is_terminal(event):
                     return
-            if len(events) == _BATCH:
-                continue
-            if state is None and not events:
+            if events:
+                continue  # more may be waiting: read again before sleeping
+            if from_table and state is None:
                 return  # the experiment was deleted while followed
             if state is not None and state["status"] in TERMINAL and after >= state["last_event_seq"]:
                 return
             if subscription.closed:
                 return  # the process is shutting down; the client reconnects with Last-Event-ID
-            if not events and not await subscription.wait(keepalive):
+            if not await subscription.wait(keepalive):
                 yield ServerSentEventMessage(comment="keep-alive", data=None)
     finally:
         subscription.close()

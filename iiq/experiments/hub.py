@@ -1,10 +1,11 @@
 """The in-process fan-out of event notifications: one LISTEN connection for all streams.
 
-Notifications carry ``<experiment_id>:<seq>`` only. The hub wakes the subscribers of that
-experiment, and each re-reads its new rows under its own org. A wake-up is a flag, not a
-queue, so a slow client costs one flag however many events it has not read yet. When the
-LISTEN connection is lost, notifications sent meanwhile are lost too: after reconnecting the
-hub wakes every subscriber, and each re-reads from its last delivered sequence number.
+Notifications carry ``<experiment_id>:<seq>`` only. The hub hands each to the `Feed` of that
+experiment, which reads the new rows once for all its subscribers and wakes them. A wake-up
+is a flag, not a queue, so a slow client costs one flag however many events it has not read
+yet. When the LISTEN connection is lost, notifications sent meanwhile are lost too: after
+reconnecting the hub refreshes every feed and wakes every subscriber, and each continues from
+its last delivered sequence number.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import asyncpg
 
 from iiq.experiments.events import EVENTS_CHANNEL
+from iiq.experiments.feed import Feed
 from iiq.experiments.metrics import listen_reconnects_total, open_streams
 
 logger = logging.getLogger(__name__)
@@ -27,9 +29,10 @@ Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
 
 class Subscription:
-    def __init__(self, hub: EventHub, experiment_id: uuid.UUID) -> None:
+    def __init__(self, hub: EventHub, feed: Feed) -> None:
         self.hub = hub
-        self.experiment_id = experiment_id
+        self.feed = feed
+        self.experiment_id = feed.experiment_id
         self._wake = asyncio.Event()
         # Set when the process shuts down: the stream should end now.
         self.closed = False
@@ -52,12 +55,19 @@ class Subscription:
 
 class EventHub:
     def __init__(
-        self, connect: Connect, *, health_check_seconds: float = 10.0, max_backoff_seconds: float = 5.0
+        self,
+        connect: Connect,
+        *,
+        pool: asyncpg.Pool | None = None,
+        health_check_seconds: float = 10.0,
+        max_backoff_seconds: float = 5.0,
     ) -> None:
         self._connect = connect
+        # Without a pool the feeds cache nothing and every stream reads the table itself.
+        self._pool = pool
         self._health_check_seconds = health_check_seconds
         self._max_backoff_seconds = max_backoff_seconds
-        self._subscribers: dict[uuid.UUID, set[Subscription]] = {}
+        self._feeds: dict[uuid.UUID, Feed] = {}
         self._conn: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -69,29 +79,33 @@ class EventHub:
         return self._conn is not None and not self._conn.is_closed()
 
     def subscriber_count(self) -> int:
-        return sum(len(subs) for subs in self._subscribers.values())
+        return sum(len(feed.subscribers) for feed in self._feeds.values())
 
     def subscribe(self, experiment_id: uuid.UUID) -> Subscription:
-        subscription = Subscription(self, experiment_id)
+        feed = self._feeds.get(experiment_id)
+        if feed is None:
+            feed = self._feeds[experiment_id] = Feed(experiment_id, self._pool)
+        subscription = Subscription(self, feed)
         subscription.closed = self._closing
-        self._subscribers.setdefault(experiment_id, set()).add(subscription)
+        feed.subscribers.add(subscription)
         open_streams.inc()
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
-        subs = self._subscribers.get(subscription.experiment_id)
-        if subs is None or subscription not in subs:
+        feed = self._feeds.get(subscription.experiment_id)
+        if feed is None or subscription not in feed.subscribers:
             return
-        subs.discard(subscription)
+        feed.subscribers.discard(subscription)
         open_streams.dec()
-        if not subs:
-            del self._subscribers[subscription.experiment_id]
+        if not feed.subscribers:
+            feed.close()
+            del self._feeds[subscription.experiment_id]
 
     def close_streams(self) -> None:
         """Tell every stream of this process to end, for a prompt shutdown."""
         self._closing = True
-        for subs in self._subscribers.values():
-            for subscription in subs:
+        for feed in self._feeds.values():
+            for subscription in feed.subscribers:
                 subscription.closed = True
                 subscription.notify()
 
@@ -106,22 +120,23 @@ class EventHub:
         await self._close_connection()
 
     def _on_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        experiment_part, _, _seq = payload.partition(":")
+        experiment_part, _, seq_part = payload.partition(":")
         try:
             experiment_id = uuid.UUID(experiment_part)
+            seq = int(seq_part)
         except ValueError:
             logger.warning("malformed event notification ignored", extra={"payload": payload[:100]})
             return
-        for subscription in self._subscribers.get(experiment_id, ()):
-            subscription.notify()
+        feed = self._feeds.get(experiment_id)
+        if feed is not None:
+            feed.announce(seq, _waker(feed))
 
     def _on_termination(self, _conn: Any) -> None:
         self._lost.set()
 
     def _wake_all(self) -> None:
-        for subs in self._subscribers.values():
-            for subscription in subs:
-                subscription.notify()
+        for feed in self._feeds.values():
+            feed.announce(None, _waker(feed))
 
     async def _open(self) -> None:
         conn = await self._connect()
@@ -175,3 +190,11 @@ class EventHub:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 logger.warning("LISTEN connection failed its health check", extra={"error": repr(exc)})
                 return
+
+
+def _waker(feed: Feed) -> Callable[[], None]:
+    def wake() -> None:
+        for subscription in list(feed.subscribers):
+            subscription.notify()
+
+    return wake
