@@ -13,6 +13,7 @@ import socket
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ import httpx
 import msgspec
 import pytest
 import uvicorn
+from litestar import Litestar
 
 from iiq.api.app import create_app
 from iiq.db.embedded import start_embedded, stop_embedded
@@ -121,13 +123,9 @@ class Server:
     settings: Settings
 
 
-@pytest.fixture(scope="session")
-async def server(settings: Settings) -> AsyncIterator[Server]:
-    """The real app with its worker, served over HTTP by uvicorn in this process."""
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    app_settings = msgspec.structs.replace(settings, public_url=base_url)
-    app = create_app(app_settings)
+@asynccontextmanager
+async def serving(app: Litestar, port: int) -> AsyncIterator[None]:
+    """Serve `app` over HTTP with uvicorn in this event loop until the block ends."""
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_config=None, access_log=False, timeout_graceful_shutdown=2
     )
@@ -139,9 +137,22 @@ async def server(settings: Settings) -> AsyncIterator[Server]:
         if task.done():
             task.result()
         await asyncio.sleep(0.025)
-    yield Server(base_url=base_url, runtime=app.state.runtime, settings=app_settings)
-    uv.should_exit = True
-    await task
+    try:
+        yield
+    finally:
+        uv.should_exit = True
+        await task
+
+
+@pytest.fixture(scope="session")
+async def server(settings: Settings) -> AsyncIterator[Server]:
+    """The real app with its worker, served over HTTP by uvicorn in this process."""
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    app_settings = msgspec.structs.replace(settings, public_url=base_url)
+    app = create_app(app_settings)
+    async with serving(app, port):
+        yield Server(base_url=base_url, runtime=app.state.runtime, settings=app_settings)
 
 
 @dataclass

@@ -4,6 +4,7 @@ parameters, tool validation, the tool catalog, OpenAPI and API-key authenticatio
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import uuid
 from typing import Any
@@ -471,3 +472,20 @@ async def test_revoked_key_other_key_works(tenant_factory: Any, database_url: st
 
     assert revoked.status_code == 401, revoked.text
     assert other.status_code == 200, other.text
+
+
+async def test_api_key_never_logged(tenant: Tenant, caplog: pytest.LogCaptureFixture) -> None:
+    from iiq.logs import JsonFormatter
+
+    body = {"tool_id": "test.sleep", "target": {"model_id": "m", "hardware": "h"}, "input_config": {"steps": 1}}
+    with caplog.at_level(logging.DEBUG):
+        await tenant.client.post("/experiments", json=body)
+        await tenant.client.get("/experiments", headers={"Authorization": f"Bearer {tenant.api_key}x"})
+        await tenant.client.get("/quota")
+
+    formatter = JsonFormatter()
+    secret = tenant.api_key.rsplit("_", 1)[1]
+    # iiq's own records; an HTTP access log, when an operator enables one, records URLs only.
+    records = [record for record in caplog.records if record.name.startswith(("iiq", "procrastinate"))]
+    assert records
+    assert all(secret not in formatter.format(record) for record in records)

@@ -30,6 +30,9 @@ ORG_TABLES = {
     "experiment_quota": "org_id",
     "orgs": "id",
     "api_keys": "org_id",
+    "experiment_templates": "org_id",
+    "idempotency_keys": "org_id",
+    "stream_tokens": "org_id",
 }
 
 
@@ -57,6 +60,8 @@ class TwoOrgs:
     running_id: str
     completed_id: str
     other_id: str
+    # Experiments created with an Idempotency-Key, one per org, by org id.
+    keyed_ids: dict[uuid.UUID, str]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +107,23 @@ async def orgs(server: Server, database_url: str) -> AsyncIterator[TwoOrgs]:
         other_id = other.json()["id"]
         await wait_for_status(b, other_id, TERMINAL)
 
-        yield TwoOrgs(a=a, b=b, running_id=running_id, completed_id=completed_id, other_id=other_id)
+        # A row in every other org-owned table: a template, an idempotency key, a stream token.
+        keyed_ids: dict[uuid.UUID, str] = {}
+        for tenant, owned_id in ((a, completed_id), (b, other_id)):
+            template = {"name": "sweep", "tool_id": "test.sleep", "target": SLEEP_TARGET, "input_config": {}}
+            assert (await tenant.client.post("/experiment-templates", json=template)).status_code == 201
+            keyed = await tenant.client.post(
+                "/experiments",
+                json={"tool_id": "test.sleep", "target": SLEEP_TARGET, "input_config": {"steps": 1}},
+                headers={"Idempotency-Key": f"tenancy-{uuid.uuid4()}"},
+            )
+            assert keyed.status_code == 201, keyed.text
+            keyed_ids[tenant.org_id] = keyed.json()["id"]
+            assert (await tenant.client.post(f"/experiments/{owned_id}/stream-tokens")).status_code == 201
+
+        yield TwoOrgs(
+            a=a, b=b, running_id=running_id, completed_id=completed_id, other_id=other_id, keyed_ids=keyed_ids
+        )
 
         # Free the worker slot instead of sleeping out the remaining steps.
         await a.client.post(f"/experiments/{running_id}/cancel")
@@ -188,7 +209,7 @@ async def test_other_org_list_excludes(orgs: TwoOrgs) -> None:
     listed = {item["id"] for item in response.json()["items"]}
     assert orgs.running_id not in listed
     assert orgs.completed_id not in listed
-    assert listed == {orgs.other_id}
+    assert listed == {orgs.other_id, orgs.keyed_ids[orgs.b.org_id]}
 
 
 async def test_other_org_list_filtered_excludes(orgs: TwoOrgs) -> None:
@@ -211,7 +232,7 @@ async def test_owner_list_includes(orgs: TwoOrgs) -> None:
     response = await orgs.a.client.get("/experiments")
 
     listed = {item["id"] for item in response.json()["items"]}
-    assert listed == {orgs.running_id, orgs.completed_id}
+    assert listed == {orgs.running_id, orgs.completed_id, orgs.keyed_ids[orgs.a.org_id]}
 
 
 async def test_owner_cannot_read_other(orgs: TwoOrgs) -> None:

@@ -1,0 +1,146 @@
+"""The create baseline: iiq's create statements in a tight asyncpg loop, with no HTTP and no framework.
+
+    python -m tests.bench.baseline_create SPEC.json RESULT.json
+
+Each of `connections` connections (as iiq's service role, with iiq's codecs) loops over the
+same two transactions that one `POST /experiments` runs, statement for statement, as
+prepared statements: the API-key lookup, then quota lock, in-flight count, insert, pending
+event, procrastinate defer, mark queued, queued event and NOTIFY. The loop stops after
+`total` iterations or `deadline_s` seconds. What it leaves out is iiq's own cost: HTTP,
+Litestar, validation, the pool's reset on release and procrastinate's Python defer path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from procrastinate import sql as procrastinate_sql
+from procrastinate.types import JobToDefer
+
+from iiq.db.pool import service_server_settings
+from iiq.db.queries import query
+from iiq.experiments.create import config_hash
+from iiq.experiments.events import EVENTS_CHANNEL
+from iiq.orgs import hash_key
+from iiq.queue.codecs import init_connection
+from iiq.queue.connector import translate_query
+from iiq.queue.tasks import EXPERIMENTS_QUEUE, RUN_TASK
+from tests.bench.loadgen import cpu_seconds
+
+_SET_BYPASS = "SELECT set_config('app.rls_bypass', 'true', true)"
+_SET_ORG = "SELECT set_config('app.org_id', $1, true)"
+_STATEMENTS = {
+    "set_bypass": _SET_BYPASS,
+    "set_org": _SET_ORG,
+    "find_api_key": query("find_api_key"),
+    "lock_quota": query("lock_quota"),
+    "count_in_flight": query("count_in_flight"),
+    "insert_experiment": query("insert_experiment"),
+    "append_event": query("append_event"),
+    "defer_jobs": translate_query(procrastinate_sql.queries["defer_jobs"])[0],
+    "mark_queued": query("mark_queued"),
+    "notify_event": query("notify_event"),
+}
+
+
+class Loop:
+    """One connection with its prepared statements."""
+
+    def __init__(
+        self, conn: asyncpg.Connection, statements: dict[str, asyncpg.prepared_stmt.PreparedStatement]
+    ) -> None:
+        self.conn = conn
+        self.s = statements
+
+    async def create(self, key: dict[str, str], tool_id: str, target: dict[str, Any]) -> None:
+        prefix = key["api_key"].split("_")[1]
+        async with self.conn.transaction():
+            await self.s["set_bypass"].fetchval()
+            found = await self.s["find_api_key"].fetchrow(prefix)
+        if found is None or not hmac.compare_digest(found["key_hash"], hash_key(key["api_key"])):
+            raise RuntimeError(f"API key of org {key['org_id']} not found")
+
+        org_id = found["org_id"]
+        experiment_id = uuid.uuid4()
+        async with self.conn.transaction():
+            await self.s["set_org"].fetchval(str(org_id))
+            await self.s["lock_quota"].fetchrow(org_id)
+            await self.s["count_in_flight"].fetchrow(org_id)
+            row = await self.s["insert_experiment"].fetchrow(
+                experiment_id,
+                org_id,
+                tool_id,
+                target,
+                {},
+                None,
+                0.01,
+                1,
+                1800.0,
+                f"api_key:{found['id']}",
+                None,
+                config_hash(tool_id, target, {}, None),
+            )
+            await self.s["append_event"].fetchrow(experiment_id, "status", row["status"], {"status": row["status"]})
+            job = JobToDefer(EXPERIMENTS_QUEUE, RUN_TASK, 0, None, None, {"experiment_id": str(experiment_id)}, None)
+            job_id = await self.s["defer_jobs"].fetchval([job])
+            queued = await self.s["mark_queued"].fetchrow(experiment_id, job_id)
+            event = await self.s["append_event"].fetchrow(
+                experiment_id, "status", queued["status"], {"status": queued["status"]}
+            )
+            await self.s["notify_event"].fetchval(EVENTS_CHANNEL, f"{experiment_id}:{event['seq']}")
+
+
+async def open_loop(dsn: str) -> Loop:
+    conn = await asyncpg.connect(dsn, server_settings=service_server_settings())
+    await init_connection(conn)
+    statements = {name: await conn.prepare(sql) for name, sql in _STATEMENTS.items()}
+    return Loop(conn, statements)
+
+
+async def run(spec: dict[str, Any]) -> dict[str, Any]:
+    keys = spec["keys"]
+    total = int(spec["total"])
+    deadline = time.monotonic() + float(spec["deadline_s"])
+    loops = [await open_loop(spec["dsn"]) for _ in range(int(spec["connections"]))]
+    latencies: list[float] = []
+    issued = 0
+
+    async def drive(loop: Loop) -> None:
+        nonlocal issued
+        while issued < total and time.monotonic() < deadline:
+            key = keys[issued % len(keys)]
+            issued += 1
+            began = time.perf_counter()
+            await loop.create(key, spec["tool_id"], spec["target"])
+            latencies.append((time.perf_counter() - began) * 1000.0)
+
+    cpu_before = cpu_seconds()
+    began = time.perf_counter()
+    try:
+        await asyncio.gather(*(drive(loop) for loop in loops))
+    finally:
+        elapsed = time.perf_counter() - began
+        for loop in loops:
+            await loop.conn.close()
+    return {"ok": len(latencies), "elapsed_s": elapsed, "latencies_ms": latencies, "cpu_s": cpu_seconds() - cpu_before}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m tests.bench.baseline_create SPEC.json RESULT.json", file=sys.stderr)
+        return 2
+    result = asyncio.run(run(json.loads(Path(argv[0]).read_text())))
+    Path(argv[1]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
