@@ -9,7 +9,7 @@ import math
 import os
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import asyncpg
@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from iiq import commands
 
-    handlers: dict[str, Callable[[Settings, argparse.Namespace], Awaitable[dict[str, Any] | None] | int]] = {
+    handlers: dict[
+        str, Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, dict[str, Any] | int | None] | int]
+    ] = {
         "serve": commands.serve,
         "worker": commands.worker,
         "migrate": commands.migrate,

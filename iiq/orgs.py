@@ -19,6 +19,7 @@ import asyncpg
 
 from iiq.db.queries import query
 from iiq.db.tx import set_bypass
+from iiq.db.types import Connection
 from iiq.errors import NotFoundError
 from iiq.experiments import quota
 
@@ -60,26 +61,33 @@ def hash_key(key: str) -> bytes:
 
 
 async def create_org(
-    conn: asyncpg.Connection, name: str, *, monthly_gpu_hours: float, max_concurrent: int, now: datetime
+    conn: Connection, name: str, *, monthly_gpu_hours: float, max_concurrent: int, now: datetime
 ) -> asyncpg.Record:
     """Create an org with its quota row, in the caller's transaction."""
     await set_bypass(conn)
-    org = await conn.fetchrow(query("insert_org"), uuid.uuid4(), name)
+    org_id = uuid.uuid4()
+    org = await conn.fetchrow(query("insert_org"), org_id, name)
+    if org is None:
+        # INSERT ... RETURNING returns the new row or raises, so None here would be a bug.
+        raise RuntimeError(f"insert_org returned no row for org {org_id}")
     await quota.insert_quota(conn, org["id"], monthly_gpu_hours, max_concurrent, now)
     return org
 
 
-async def create_key(conn: asyncpg.Connection, org_id: uuid.UUID, name: str) -> NewKey:
+async def create_key(conn: Connection, org_id: uuid.UUID, name: str) -> NewKey:
     await set_bypass(conn)
     if await conn.fetchrow(query("get_org"), org_id) is None:
         raise NotFoundError("org", org_id)
     prefix = secrets.token_hex(8)
     secret = f"iiq_{prefix}_{secrets.token_urlsafe(32)}"
-    row = await conn.fetchrow(query("insert_api_key"), uuid.uuid4(), org_id, prefix, hash_key(secret), name)
+    key_id = uuid.uuid4()
+    row = await conn.fetchrow(query("insert_api_key"), key_id, org_id, prefix, hash_key(secret), name)
+    if row is None:
+        raise RuntimeError(f"insert_api_key returned no row for API key {key_id}")
     return NewKey(id=row["id"], org_id=org_id, name=name, prefix=prefix, secret=secret, created_at=row["created_at"])
 
 
-async def revoke_key(conn: asyncpg.Connection, key_id: uuid.UUID) -> asyncpg.Record:
+async def revoke_key(conn: Connection, key_id: uuid.UUID) -> asyncpg.Record:
     await set_bypass(conn)
     row = await conn.fetchrow(query("revoke_api_key"), key_id)
     if row is None:

@@ -16,6 +16,7 @@ import procrastinate
 from iiq.db.embedded import start_embedded
 from iiq.db.migrate import migrate
 from iiq.db.pool import connect_admin, create_service_pool, service_server_settings
+from iiq.db.types import Connection
 from iiq.errors import ConfigurationError
 from iiq.experiments.events import PostgresEventBus
 from iiq.experiments.hub import EventHub
@@ -41,10 +42,10 @@ class Runtime:
     queue: procrastinate.App = field(init=False)
     collaborators: dict[str, Any] = field(default_factory=dict)
 
-    async def defer_run(self, conn: asyncpg.Connection, experiment_id: uuid.UUID) -> int:
+    async def defer_run(self, conn: Connection, experiment_id: uuid.UUID) -> int:
         return await tasks.defer_run(self.queue, conn, experiment_id)
 
-    async def remove_job(self, conn: asyncpg.Connection, job_id: int) -> None:
+    async def remove_job(self, conn: Connection, job_id: int) -> None:
         await tasks.remove_job(self.queue, conn, job_id)
 
 

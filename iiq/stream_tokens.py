@@ -26,6 +26,7 @@ import asyncpg
 
 from iiq.db.queries import query
 from iiq.db.tx import set_bypass
+from iiq.db.types import Connection
 from iiq.errors import AuthenticationError, NotFoundError
 from iiq.orgs import Principal
 
@@ -53,7 +54,7 @@ def _how_to_get_one(experiment_id: uuid.UUID) -> str:
 
 
 async def issue_stream_token(
-    conn: asyncpg.Connection, principal: Principal, experiment_id: uuid.UUID, ttl_seconds: float
+    conn: Connection, principal: Principal, experiment_id: uuid.UUID, ttl_seconds: float
 ) -> NewStreamToken:
     """Issue a token for the stream of `experiment_id`, in `conn`'s transaction scoped to the caller's org.
 

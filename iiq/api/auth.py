@@ -6,7 +6,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-import asyncpg
 from litestar import Request
 from litestar.datastructures import State
 from litestar.di import NamedDependency
@@ -14,6 +13,7 @@ from litestar.exceptions import NotAuthorizedException
 from litestar.params import FromPath, QueryParameter
 
 from iiq.db.tx import set_org
+from iiq.db.types import Connection
 from iiq.orgs import Principal, authenticate, looks_like_api_key
 from iiq.runtime import Runtime
 from iiq.stream_tokens import authenticate_stream_token
@@ -26,7 +26,7 @@ def provide_runtime(state: State) -> Runtime:
     return runtime
 
 
-async def provide_principal(request: Request, state: State) -> Principal:
+async def provide_principal(request: Request[Any, Any, Any], state: State) -> Principal:
     """Authenticate the `Authorization: Bearer <key>` header; 401 when missing, malformed or revoked."""
     header = request.headers.get("authorization")
     if not header:
@@ -79,7 +79,7 @@ async def provide_stream_principal(
     return await authenticate_stream_token(provide_runtime(state).pool, stream_token, experiment_id)
 
 
-async def provide_org_conn(principal: NamedDependency[Principal], state: State) -> AsyncIterator[asyncpg.Connection]:
+async def provide_org_conn(principal: NamedDependency[Principal], state: State) -> AsyncIterator[Connection]:
     """A connection in a transaction that sees only the caller's org; commits on success."""
     async with provide_runtime(state).pool.acquire() as conn, conn.transaction():
         await set_org(conn, principal.org_id)

@@ -19,6 +19,7 @@ from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from iiq.api.responses import CREATE_RESPONSES, FROM_TEMPLATE_RESPONSES, IDEMPOTENCY_HEADERS, READ_RESPONSES
 from iiq.api.schemas import CreateExperiment, Experiment, ExperimentPage, TemplateOverrides
 from iiq.db.queries import query
+from iiq.db.types import Connection
 from iiq.errors import NotFoundError
 from iiq.experiments import idempotency, lifecycle, templates
 from iiq.experiments.create import create_experiment
@@ -63,7 +64,7 @@ def _or_empty(override: dict[str, Any] | msgspec.UnsetType) -> dict[str, Any]:
 
 
 async def _create_with_key(
-    conn: asyncpg.Connection,
+    conn: Connection,
     principal: Principal,
     runtime: Runtime,
     key: str | None,
@@ -104,7 +105,7 @@ class ExperimentController(Controller):
         self,
         data: JSONBody[CreateExperiment],
         principal: NamedDependency[Principal],
-        conn: NamedDependency[asyncpg.Connection],
+        conn: NamedDependency[Connection],
         runtime: NamedDependency[Runtime],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[Experiment]:
@@ -136,7 +137,7 @@ class ExperimentController(Controller):
         self,
         template_id: FromPath[uuid.UUID],
         principal: NamedDependency[Principal],
-        conn: NamedDependency[asyncpg.Connection],
+        conn: NamedDependency[Connection],
         runtime: NamedDependency[Runtime],
         data: JSONBody[TemplateOverrides | None] = None,
         idempotency_key: IdempotencyKey = None,
@@ -162,7 +163,7 @@ class ExperimentController(Controller):
         return await _create_with_key(conn, principal, runtime, idempotency_key, route, body, create)
 
     @get("/{experiment_id:uuid}", responses=READ_RESPONSES, summary="Read one experiment")
-    async def read(self, experiment_id: FromPath[uuid.UUID], conn: NamedDependency[asyncpg.Connection]) -> Experiment:
+    async def read(self, experiment_id: FromPath[uuid.UUID], conn: NamedDependency[Connection]) -> Experiment:
         row = await conn.fetchrow(query("get_experiment"), experiment_id)
         if row is None:
             raise NotFoundError("experiment", experiment_id)
@@ -171,7 +172,7 @@ class ExperimentController(Controller):
     @get("/", responses=READ_RESPONSES, summary="List experiments, newest first")
     async def list(
         self,
-        conn: NamedDependency[asyncpg.Connection],
+        conn: NamedDependency[Connection],
         status: Annotated[Status | None, QueryParameter(description="Only experiments in this state")] = None,
         tool_id: Annotated[
             str | None, QueryParameter(max_length=200, description="Only this tool's experiments")
@@ -193,7 +194,7 @@ class ExperimentController(Controller):
     async def cancel(
         self,
         experiment_id: FromPath[uuid.UUID],
-        conn: NamedDependency[asyncpg.Connection],
+        conn: NamedDependency[Connection],
         runtime: NamedDependency[Runtime],
     ) -> Experiment:
         row = await lifecycle.cancel(conn, runtime.bus, experiment_id, runtime.remove_job)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-import asyncpg
 from litestar import get
 from litestar.di import NamedDependency
 from litestar.params import FromPath
@@ -14,6 +13,7 @@ from litestar.response import File
 from iiq.api.responses import READ_RESPONSES
 from iiq.api.schemas import Quota, Tool
 from iiq.db.queries import query
+from iiq.db.types import Connection
 from iiq.errors import NotFoundError
 from iiq.experiments import quota
 from iiq.experiments.registry import all_handlers
@@ -22,7 +22,7 @@ from iiq.runtime import Runtime
 
 
 @get("/quota", responses=READ_RESPONSES, tags=["quota"], summary="The caller's org quota")
-async def read_quota(principal: NamedDependency[Principal], conn: NamedDependency[asyncpg.Connection]) -> Quota:
+async def read_quota(principal: NamedDependency[Principal], conn: NamedDependency[Connection]) -> Quota:
     snap = await quota.snapshot(conn, principal.org_id, quota.utc_now())
     return Quota(
         monthly_gpu_hours=snap.monthly_gpu_hours,
@@ -61,7 +61,7 @@ async def list_tools(principal: NamedDependency[Principal], runtime: NamedDepend
 async def read_artifact(
     experiment_id: FromPath[uuid.UUID],
     name: FromPath[str],
-    conn: NamedDependency[asyncpg.Connection],
+    conn: NamedDependency[Connection],
     runtime: NamedDependency[Runtime],
 ) -> File:
     # The row lookup runs under the caller's org, so another org's artifacts are 404 too.

@@ -16,7 +16,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-import asyncpg
 import msgspec
 from litestar import Response, get, post
 from litestar.datastructures import CacheControlHeader
@@ -32,6 +31,7 @@ from iiq.api.responses import READ_RESPONSES
 from iiq.api.schemas import StreamToken
 from iiq.db.queries import query
 from iiq.db.tx import org_transaction
+from iiq.db.types import Connection
 from iiq.errors import NotFoundError
 from iiq.experiments.events import StoredEvent, read_events
 from iiq.experiments.hub import EventHub
@@ -170,7 +170,7 @@ async def stream_events(
 async def create_stream_token(
     experiment_id: FromPath[uuid.UUID],
     principal: NamedDependency[Principal],
-    conn: NamedDependency[asyncpg.Connection],
+    conn: NamedDependency[Connection],
     runtime: NamedDependency[Runtime],
 ) -> StreamToken:
     issued = await issue_stream_token(conn, principal, experiment_id, runtime.settings.stream_token_ttl_seconds)

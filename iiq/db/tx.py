@@ -13,17 +13,19 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
+from iiq.db.types import Connection
 
-async def set_org(conn: asyncpg.Connection, org_id: uuid.UUID) -> None:
+
+async def set_org(conn: Connection, org_id: uuid.UUID) -> None:
     await conn.execute("SELECT set_config('app.org_id', $1, true)", str(org_id))
 
 
-async def set_bypass(conn: asyncpg.Connection) -> None:
+async def set_bypass(conn: Connection) -> None:
     await conn.execute("SELECT set_config('app.rls_bypass', 'true', true)")
 
 
 @asynccontextmanager
-async def org_transaction(pool: asyncpg.Pool, org_id: uuid.UUID) -> AsyncIterator[asyncpg.Connection]:
+async def org_transaction(pool: asyncpg.Pool, org_id: uuid.UUID) -> AsyncIterator[Connection]:
     """A transaction that sees only `org_id`'s rows."""
     async with pool.acquire() as conn, conn.transaction():
         await set_org(conn, org_id)
@@ -31,7 +33,7 @@ async def org_transaction(pool: asyncpg.Pool, org_id: uuid.UUID) -> AsyncIterato
 
 
 @asynccontextmanager
-async def service_transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+async def service_transaction(pool: asyncpg.Pool) -> AsyncIterator[Connection]:
     """A runner-side transaction that sees every org's rows; never used for request input."""
     async with pool.acquire() as conn, conn.transaction():
         await set_bypass(conn)

@@ -17,6 +17,7 @@ import asyncpg
 import msgspec
 
 from iiq.db.queries import query
+from iiq.db.types import Connection
 from iiq.errors import QuotaExceeded, UnknownToolError, ValidationFailed
 from iiq.experiments import lifecycle, metrics, quota
 from iiq.experiments.events import EventBus, append_event
@@ -27,7 +28,7 @@ from iiq.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-Defer = Callable[[asyncpg.Connection, uuid.UUID], Awaitable[int]]
+Defer = Callable[[Connection, uuid.UUID], Awaitable[int]]
 
 MAX_GPU_COUNT = 64
 _MAX_TEXT = 200
@@ -95,7 +96,7 @@ def validate_and_estimate(
 
 
 async def create_experiment(
-    conn: asyncpg.Connection,
+    conn: Connection,
     bus: EventBus,
     defer: Defer,
     settings: Settings,
@@ -138,6 +139,9 @@ async def create_experiment(
         template_id,
         config_hash(tool_id, target, input_config, goal),
     )
+    if row is None:
+        # INSERT ... RETURNING returns the new row or raises, so None here would be a bug.
+        raise RuntimeError(f"insert_experiment returned no row for experiment {experiment_id}")
     # Nobody can follow the experiment before this transaction commits, so the pending event
     # needs no notification of its own: the one for `queued` wakes readers for both.
     await append_event(

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-import asyncpg
 import msgspec
 
 from iiq.db.queries import query
+from iiq.db.types import Connection
 from iiq.errors import EventTooLargeError
 
 # Channel names carry a version so a future payload format can run beside this one.
@@ -37,11 +37,11 @@ class StoredEvent:
 class EventBus(Protocol):
     """Announces a stored event; the real bus uses the transaction's connection."""
 
-    async def publish(self, conn: asyncpg.Connection, event: StoredEvent) -> None: ...
+    async def publish(self, conn: Connection, event: StoredEvent) -> None: ...
 
 
 class PostgresEventBus:
-    async def publish(self, conn: asyncpg.Connection, event: StoredEvent) -> None:
+    async def publish(self, conn: Connection, event: StoredEvent) -> None:
         await conn.execute(query("notify_event"), EVENTS_CHANNEL, f"{event.experiment_id}:{event.seq}")
 
 
@@ -50,7 +50,7 @@ def encoded_size(payload: Mapping[str, Any]) -> int:
 
 
 async def append_event(
-    conn: asyncpg.Connection,
+    conn: Connection,
     experiment_id: uuid.UUID,
     event_type: str,
     stage: str | None,
@@ -83,7 +83,7 @@ async def append_event(
 
 
 async def read_events(
-    conn: asyncpg.Connection, experiment_id: uuid.UUID, after_seq: int, limit: int = 500
+    conn: Connection, experiment_id: uuid.UUID, after_seq: int, limit: int = 500
 ) -> list[StoredEvent]:
     rows = await conn.fetch(query("read_events"), experiment_id, after_seq, limit)
     return [

@@ -141,7 +141,8 @@ class EventHub:
     async def _open(self) -> None:
         conn = await self._connect()
         conn.add_termination_listener(self._on_termination)
-        await conn.add_listener(EVENTS_CHANNEL, self._on_notification)
+        # asyncpg-stubs 0.32 type the payload as `object`, but asyncpg 0.32 always passes the decoded str.
+        await conn.add_listener(EVENTS_CHANNEL, self._on_notification)  # type: ignore[arg-type]
         self._conn = conn
         self._lost.clear()
 

@@ -31,6 +31,7 @@ from typing import Any
 import asyncpg
 
 from iiq.db.queries import query
+from iiq.db.types import Connection
 from iiq.errors import ConflictError, IdempotencyKeyReused, NotFoundError
 from iiq.experiments.create import canonical_json
 
@@ -75,7 +76,7 @@ def request_hash(route: str, body: Any) -> str:
 
 
 async def create_once(
-    conn: asyncpg.Connection,
+    conn: Connection,
     org_id: uuid.UUID,
     key: str,
     request_digest: str,
@@ -105,7 +106,7 @@ async def create_once(
 
 
 async def _replay(
-    conn: asyncpg.Connection, org_id: uuid.UUID, key: str, stored: asyncpg.Record, request_digest: str
+    conn: Connection, org_id: uuid.UUID, key: str, stored: asyncpg.Record, request_digest: str
 ) -> asyncpg.Record:
     if stored["request_hash"] != request_digest:
         raise IdempotencyKeyReused(key, stored["expires_at"])

@@ -11,11 +11,12 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 
 from iiq.db.queries import query
+from iiq.db.types import Connection
 from iiq.errors import ConflictError, InvalidTransitionError, NotFoundError
 from iiq.experiments import metrics, quota
 from iiq.experiments.events import EventBus, StoredEvent, append_event
@@ -28,7 +29,7 @@ _STATUS_EVENT_LIMIT = 1 << 20
 
 
 async def emit_status(
-    conn: asyncpg.Connection, bus: EventBus, row: asyncpg.Record, payload: Mapping[str, Any] | None = None
+    conn: Connection, bus: EventBus, row: asyncpg.Record, payload: Mapping[str, Any] | None = None
 ) -> StoredEvent:
     body = {"status": row["status"], **(payload or {})}
     event = await append_event(
@@ -39,14 +40,14 @@ async def emit_status(
     return event
 
 
-async def _raise_invalid(conn: asyncpg.Connection, experiment_id: uuid.UUID, requested: Status) -> None:
+async def _raise_invalid(conn: Connection, experiment_id: uuid.UUID, requested: Status) -> NoReturn:
     current = await conn.fetchrow(query("get_experiment_status"), experiment_id)
     if current is None:
         raise NotFoundError("experiment", experiment_id)
     raise InvalidTransitionError(experiment_id, current["status"], requested)
 
 
-async def mark_queued(conn: asyncpg.Connection, bus: EventBus, experiment_id: uuid.UUID, job_id: int) -> asyncpg.Record:
+async def mark_queued(conn: Connection, bus: EventBus, experiment_id: uuid.UUID, job_id: int) -> asyncpg.Record:
     row = await conn.fetchrow(query("mark_queued"), experiment_id, job_id)
     if row is None:
         await _raise_invalid(conn, experiment_id, Status.QUEUED)
@@ -54,9 +55,7 @@ async def mark_queued(conn: asyncpg.Connection, bus: EventBus, experiment_id: uu
     return row
 
 
-async def mark_running(
-    conn: asyncpg.Connection, bus: EventBus, experiment_id: uuid.UUID, worker: str
-) -> asyncpg.Record:
+async def mark_running(conn: Connection, bus: EventBus, experiment_id: uuid.UUID, worker: str) -> asyncpg.Record:
     """Start a queued experiment; `worker` names the process that runs it, in the event."""
     row = await conn.fetchrow(query("mark_running"), experiment_id)
     if row is None:
@@ -66,7 +65,7 @@ async def mark_running(
 
 
 async def mark_completed(
-    conn: asyncpg.Connection,
+    conn: Connection,
     bus: EventBus,
     experiment_id: uuid.UUID,
     summary: Mapping[str, Any],
@@ -82,7 +81,7 @@ async def mark_completed(
 
 
 async def mark_ended(
-    conn: asyncpg.Connection,
+    conn: Connection,
     bus: EventBus,
     experiment_id: uuid.UUID,
     status: Status,
@@ -101,12 +100,10 @@ async def mark_ended(
     return row
 
 
-RemoveJob = Callable[[asyncpg.Connection, int], Awaitable[None]]
+RemoveJob = Callable[[Connection, int], Awaitable[None]]
 
 
-async def cancel(
-    conn: asyncpg.Connection, bus: EventBus, experiment_id: uuid.UUID, remove_job: RemoveJob
-) -> asyncpg.Record:
+async def cancel(conn: Connection, bus: EventBus, experiment_id: uuid.UUID, remove_job: RemoveJob) -> asyncpg.Record:
     """Cancel an experiment in the caller's transaction and return its row.
 
     Pending or queued: cancelled at once and its job removed from the queue. Running: flagged,
@@ -120,6 +117,9 @@ async def cancel(
 
     if status in (Status.PENDING, Status.QUEUED):
         row = await conn.fetchrow(query("cancel_not_started"), experiment_id)
+        if row is None:
+            # `lock_experiment` locked the row and read a pending or queued status, so this UPDATE matches it.
+            await _raise_invalid(conn, experiment_id, Status.CANCELLED)
         if row["job_id"] is not None:
             await remove_job(conn, row["job_id"])
         await emit_status(conn, bus, row, {"error_message": row["error_message"]})

@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from iiq.db.queries import query
+from iiq.db.types import Connection
 from iiq.errors import NotFoundError, QuotaExceeded
 
 # Float sums of estimates such as 0.1 + 0.2 must not refuse a budget they exactly fill.
@@ -52,24 +53,29 @@ def next_month_start(now: datetime) -> datetime:
 
 
 async def insert_quota(
-    conn: asyncpg.Connection, org_id: uuid.UUID, monthly_gpu_hours: float, max_concurrent: int, now: datetime
+    conn: Connection, org_id: uuid.UUID, monthly_gpu_hours: float, max_concurrent: int, now: datetime
 ) -> None:
     await conn.execute(query("insert_quota"), org_id, monthly_gpu_hours, max_concurrent, next_month_start(now))
 
 
-async def lock_quota(conn: asyncpg.Connection, org_id: uuid.UUID, now: datetime) -> asyncpg.Record:
+async def lock_quota(conn: Connection, org_id: uuid.UUID, now: datetime) -> asyncpg.Record:
     """Lock the org's quota row and apply the monthly reset if `month_resets_at` has passed."""
     row = await conn.fetchrow(query("lock_quota"), org_id)
     if row is None:
         raise NotFoundError("quota of org", org_id)
     if now >= row["month_resets_at"]:
         row = await conn.fetchrow(query("reset_quota_month"), org_id, next_month_start(now))
+        if row is None:
+            raise NotFoundError("quota of org", org_id)
     return row
 
 
-async def snapshot(conn: asyncpg.Connection, org_id: uuid.UUID, now: datetime) -> QuotaSnapshot:
+async def snapshot(conn: Connection, org_id: uuid.UUID, now: datetime) -> QuotaSnapshot:
     row = await lock_quota(conn, org_id, now)
     in_flight = await conn.fetchrow(query("count_in_flight"), org_id)
+    if in_flight is None:
+        # An aggregate without GROUP BY returns exactly one row.
+        raise RuntimeError(f"count_in_flight returned no row for org {org_id}")
     used = row["used_gpu_hours"]
     reserved = in_flight["reserved"]
     return QuotaSnapshot(
@@ -84,7 +90,7 @@ async def snapshot(conn: asyncpg.Connection, org_id: uuid.UUID, now: datetime) -
     )
 
 
-async def admit(conn: asyncpg.Connection, org_id: uuid.UUID, estimate: float, now: datetime) -> QuotaSnapshot:
+async def admit(conn: Connection, org_id: uuid.UUID, estimate: float, now: datetime) -> QuotaSnapshot:
     """Raise `QuotaExceeded` unless the org may start one more experiment costing `estimate`."""
     quota = await snapshot(conn, org_id, now)
     resets_at = quota.month_resets_at.isoformat()
@@ -116,7 +122,7 @@ async def admit(conn: asyncpg.Connection, org_id: uuid.UUID, estimate: float, no
     return quota
 
 
-async def charge(conn: asyncpg.Connection, org_id: uuid.UUID, gpu_hours: float, now: datetime) -> None:
+async def charge(conn: Connection, org_id: uuid.UUID, gpu_hours: float, now: datetime) -> None:
     """Add a finished run's GPU-hours to the month current at `now` (after any reset)."""
     if gpu_hours <= 0:
         return
@@ -125,7 +131,7 @@ async def charge(conn: asyncpg.Connection, org_id: uuid.UUID, gpu_hours: float, 
 
 
 async def update_limits(
-    conn: asyncpg.Connection, org_id: uuid.UUID, monthly_gpu_hours: float | None, max_concurrent: int | None
+    conn: Connection, org_id: uuid.UUID, monthly_gpu_hours: float | None, max_concurrent: int | None
 ) -> asyncpg.Record:
     row = await conn.fetchrow(query("update_quota_limits"), org_id, monthly_gpu_hours, max_concurrent)
     if row is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import pkgutil
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
@@ -28,7 +28,8 @@ ENTRY_POINT_GROUP = "iiq.tools"
 
 ValidateFn = Callable[[dict[str, Any]], list[str]]
 EstimateCostFn = Callable[[dict[str, Any]], float]
-RunFn = Callable[["ExperimentContext"], Awaitable[None]]
+# A coroutine function, because the runner wraps each run in `asyncio.create_task`.
+RunFn = Callable[["ExperimentContext"], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True)

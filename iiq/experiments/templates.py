@@ -21,6 +21,7 @@ import asyncpg
 import msgspec
 
 from iiq.db.queries import query
+from iiq.db.types import Connection
 from iiq.errors import ConflictError, NotFoundError, UnknownToolError, ValidationFailed
 from iiq.experiments.create import Defer, create_experiment, validate_and_estimate
 from iiq.experiments.events import EventBus
@@ -89,7 +90,7 @@ def _name_taken(name: str) -> ConflictError:
     )
 
 
-async def insert_template(conn: asyncpg.Connection, org_id: uuid.UUID, fields: TemplateFields) -> asyncpg.Record:
+async def insert_template(conn: Connection, org_id: uuid.UUID, fields: TemplateFields) -> asyncpg.Record:
     validate_template(fields)
 
     row = await conn.fetchrow(
@@ -112,14 +113,14 @@ async def insert_template(conn: asyncpg.Connection, org_id: uuid.UUID, fields: T
     return row
 
 
-async def get_template(conn: asyncpg.Connection, template_id: uuid.UUID) -> asyncpg.Record:
+async def get_template(conn: Connection, template_id: uuid.UUID) -> asyncpg.Record:
     row = await conn.fetchrow(query("get_template"), template_id)
     if row is None:
         raise NotFoundError("experiment template", template_id)
     return row
 
 
-async def update_template(conn: asyncpg.Connection, template_id: uuid.UUID, fields: TemplateFields) -> asyncpg.Record:
+async def update_template(conn: Connection, template_id: uuid.UUID, fields: TemplateFields) -> asyncpg.Record:
     """Replace every field of the template; experiments created from it earlier keep their configuration."""
     validate_template(fields)
 
@@ -147,7 +148,7 @@ async def update_template(conn: asyncpg.Connection, template_id: uuid.UUID, fiel
     return row
 
 
-async def delete_template(conn: asyncpg.Connection, template_id: uuid.UUID) -> None:
+async def delete_template(conn: Connection, template_id: uuid.UUID) -> None:
     """Delete the template; experiments created from it keep its id and their configuration."""
     if await conn.fetchval(query("delete_template"), template_id) is None:
         raise NotFoundError("experiment template", template_id)
@@ -155,7 +156,7 @@ async def delete_template(conn: asyncpg.Connection, template_id: uuid.UUID) -> N
 
 
 async def create_from_template(
-    conn: asyncpg.Connection,
+    conn: Connection,
     bus: EventBus,
     defer: Defer,
     settings: Settings,

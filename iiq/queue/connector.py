@@ -15,10 +15,10 @@ from iiq.queue import listener
 from iiq.queue.codecs import init_connection
 
 if TYPE_CHECKING:
-    from asyncpg.pool import PoolConnectionProxy
     from asyncpg.types import Type
 
-    Connection = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+    from iiq.db.types import Connection
+
     Pool = asyncpg.Pool[asyncpg.Record]
 
 __all__ = ["AsyncpgConnector", "init_connection"]

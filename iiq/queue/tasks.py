@@ -10,10 +10,10 @@ import logging
 import uuid
 from typing import TYPE_CHECKING
 
-import asyncpg
 import procrastinate
 
 from iiq.db.pool import service_server_settings
+from iiq.db.types import Connection
 from iiq.experiments.runner import run_experiment
 from iiq.queue.connector import AsyncpgConnector
 
@@ -57,12 +57,12 @@ def build_queue_app(runtime: Runtime) -> procrastinate.App:
     return app
 
 
-async def defer_run(app: procrastinate.App, conn: asyncpg.Connection, experiment_id: uuid.UUID) -> int:
+async def defer_run(app: procrastinate.App, conn: Connection, experiment_id: uuid.UUID) -> int:
     """Defer the run of `experiment_id` inside `conn`'s transaction; return the job id."""
     task = app.tasks[RUN_TASK]
     return await task.configure(connection=conn).defer_async(experiment_id=str(experiment_id))
 
 
-async def remove_job(app: procrastinate.App, conn: asyncpg.Connection, job_id: int) -> None:
+async def remove_job(app: procrastinate.App, conn: Connection, job_id: int) -> None:
     """Delete a job that has not started, inside `conn`'s transaction; a started job is left alone."""
     await app.job_manager.cancel_job_by_id_async(job_id, delete_job=True, connection=conn)

@@ -143,6 +143,7 @@ async def test_sigterm_ends_runs_and_streams(e2e_database: str, tmp_path: Path) 
             await conn.close()
         assert rows[short["id"]]["status"] == "completed"
         assert rows[long["id"]]["status"] == "failed"
+        assert await _used_gpu_hours(e2e_database, tenant.org_id) > 0
         assert "worker shut down" in rows[long["id"]]["error_message"]
         assert await _jobs_left(e2e_database, long["id"]) == []
         assert await _jobs_left(e2e_database, short["id"]) == []

@@ -489,3 +489,30 @@ async def test_api_key_never_logged(tenant: Tenant, caplog: pytest.LogCaptureFix
     records = [record for record in caplog.records if record.name.startswith(("iiq", "procrastinate"))]
     assert records
     assert all(secret not in formatter.format(record) for record in records)
+
+
+async def test_events_future_last_event_id(tenant: Tenant) -> None:
+    body = {"tool_id": "test.sleep", "target": SLEEP_TARGET, "input_config": {"steps": 1}}
+    experiment_id = (await tenant.client.post("/experiments", json=body)).json()["id"]
+
+    response = await tenant.client.get(f"/experiments/{experiment_id}/events", headers={"Last-Event-ID": "999"})
+
+    assert response.status_code == 400
+    assert "beyond the last event" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("raw", [b'{"tool_id": "L5\xff", "target": {}}', b"\xc3\x28", b'{"tool_id": "\xed\xa0\x80"}'])
+async def test_create_invalid_utf8(tenant: Tenant, raw: bytes) -> None:
+    response = await tenant.client.post("/experiments", content=raw, headers={"Content-Type": "application/json"})
+
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"]
+
+
+async def test_template_name_too_long(tenant: Tenant) -> None:
+    body = {"name": "n" * 201, "tool_id": "test.sleep", "target": SLEEP_TARGET, "input_config": {}}
+
+    response = await tenant.client.post("/experiment-templates", json=body)
+
+    assert 400 <= response.status_code < 500, response.text
+    assert "200" in response.text

@@ -24,6 +24,17 @@ async def _terminal_events(server: Server, experiment_id: Any) -> list[str]:
     return [event["stage"] for event in events if event["event_type"] == "status" and event["stage"] in TERMINAL]
 
 
+async def _jobs_left(server: Server, experiment_id: str) -> list[str]:
+    """Jobs of the experiment that procrastinate would still run or is running."""
+    async with server.runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT status::text FROM procrastinate.procrastinate_jobs "
+            "WHERE args ->> 'experiment_id' = $1 AND status IN ('todo', 'doing')",
+            experiment_id,
+        )
+    return [row["status"] for row in rows]
+
+
 async def test_cancel_races_completion(server: Server, tenant: Tenant) -> None:
     """Cancel lands at every point of a short run; each run must end exactly once."""
     outcomes: set[str] = set()
@@ -65,6 +76,7 @@ async def test_cancel_queued_races_worker(tenant: Tenant, server: Server) -> Non
             await asyncio.sleep(0.05)
         assert status in ("cancelled", "completed")
         assert await _terminal_events(server, experiment_id) == [status]
+        assert await _jobs_left(server, experiment_id) == []
 
 
 async def test_default_time_limit_scaled_down(server: Server, tenant: Tenant) -> None:
