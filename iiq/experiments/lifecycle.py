@@ -122,7 +122,7 @@ async def cancel(conn: Connection, bus: EventBus, experiment_id: uuid.UUID, remo
             await _raise_invalid(conn, experiment_id, Status.CANCELLED)
         if row["job_id"] is not None:
             await remove_job(conn, row["job_id"])
-        await emit_status(conn, bus, row, {"error_message": row["error_message"]})
+        await emit_status(conn, bus, row, {"error_message": row["error_message"], "actual_gpu_hours": 0.0})
         return row
 
     if status is Status.RUNNING:

@@ -93,7 +93,8 @@ async def snapshot(conn: Connection, org_id: uuid.UUID, now: datetime) -> QuotaS
 async def admit(conn: Connection, org_id: uuid.UUID, estimate: float, now: datetime) -> QuotaSnapshot:
     """Raise `QuotaExceeded` unless the org may start one more experiment costing `estimate`."""
     quota = await snapshot(conn, org_id, now)
-    resets_at = quota.month_resets_at.isoformat()
+    # The same form as the API's datetimes (msgspec): UTC with a "Z".
+    resets_at = quota.month_resets_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
     if quota.active >= quota.max_concurrent:
         raise QuotaExceeded(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
-from iiq.errors import DuplicateToolError
+from iiq.errors import ConfigurationError, DuplicateToolError
 
 if TYPE_CHECKING:
     from iiq.experiments.context import ExperimentContext
@@ -100,19 +100,28 @@ def discover_tools(extra_modules: str = "") -> list[str]:
     registered tool ids.
     """
     global _discovered
-    for module_name in filter(None, (name.strip() for name in extra_modules.split(","))):
-        _import_tree(module_name)
     if not _discovered:
-        modules: set[str] = {"tools"}
-        modules.update(entry.value.split(":")[0] for entry in entry_points(group=ENTRY_POINT_GROUP))
-        for module_name in sorted(modules):
+        # The shipped tools first, so a module that reuses one of their ids is the one blamed.
+        modules = ["tools"]
+        modules += sorted({entry.value.split(":")[0] for entry in entry_points(group=ENTRY_POINT_GROUP)} - {"tools"})
+        for module_name in modules:
             _import_tree(module_name)
         _discovered = True
+    for module_name in filter(None, (name.strip() for name in extra_modules.split(","))):
+        _import_tree(module_name)
     return sorted(_handlers)
 
 
 def _import_tree(module_name: str) -> None:
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise  # the module exists but one of its own imports is missing
+        raise ConfigurationError(
+            f"tool module {module_name!r} not found: check IIQ_TOOL_MODULES and the `iiq.tools` entry points "
+            "of installed packages"
+        ) from exc
     logger.debug("tool module imported", extra={"tool_module": module_name})
     if hasattr(module, "__path__"):
         for info in pkgutil.iter_modules(module.__path__, prefix=f"{module_name}."):

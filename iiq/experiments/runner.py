@@ -22,10 +22,10 @@ import asyncpg
 
 from iiq.db.queries import query
 from iiq.db.tx import service_transaction
-from iiq.errors import InvalidTransitionError
+from iiq.errors import EventTooLargeError, InvalidTransitionError
 from iiq.experiments import lifecycle, metrics
 from iiq.experiments.context import ExperimentContext
-from iiq.experiments.events import EventBus, append_event
+from iiq.experiments.events import EventBus, append_event, encoded_size
 from iiq.experiments.quota import utc_now
 from iiq.experiments.registry import get_handler
 from iiq.experiments.states import Status
@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 # Host and process id of this worker, shown in each run's `running` event.
 WORKER_IDENTITY = f"{socket.gethostname()}:{os.getpid()}"
+
+# Largest results summary accepted, bytes of compact JSON; the row is meant to stay small.
+MAX_SUMMARY_BYTES = 64 * 1024
 
 # Event types the engine writes itself; a handler emitting them would confuse streams.
 RESERVED_EVENT_TYPES = frozenset({"status", "cancel_requested"})
@@ -55,6 +58,8 @@ class _RunBackend:
         self.gpu_count: int = row["gpu_count"]
         self.started = asyncio.get_running_loop().time()
         self.completed = False
+        # Set once a terminal state is written; emits after it are refused.
+        self.ended = False
         self.cancel_seen = False
 
     def gpu_hours(self) -> float:
@@ -66,6 +71,9 @@ class _RunBackend:
             raise ValueError(
                 f"event_type {event_type!r} is reserved for the engine: use another name, such as 'progress'"
             )
+        if self.ended:
+            # Streams close at the terminal event, so a later event would never be delivered.
+            raise InvalidTransitionError(self.experiment_id, "ended", "emit")
         async with service_transaction(self._db) as conn:
             event = await append_event(
                 conn,
@@ -89,11 +97,18 @@ class _RunBackend:
     async def save_results(self, summary: Mapping[str, Any]) -> None:
         if not isinstance(summary, Mapping):
             raise TypeError(f"save_results expects a mapping, got {type(summary).__name__}")
+        size = encoded_size(summary)
+        if size > MAX_SUMMARY_BYTES:
+            raise EventTooLargeError(
+                f"results summary of {size} bytes exceeds the maximum of {MAX_SUMMARY_BYTES} bytes: keep the "
+                "summary small and put full reports in an artifact (ctx.artifact_path), referenced by URL"
+            )
         async with service_transaction(self._db) as conn:
             await lifecycle.mark_completed(
                 conn, self._bus, self.experiment_id, summary, self.gpu_hours(), self._clock()
             )
         self.completed = True
+        self.ended = True
 
 
 async def run_experiment(
@@ -231,6 +246,7 @@ async def _finish(
     log_fields: dict[str, Any],
 ) -> Status:
     elapsed = asyncio.get_running_loop().time() - backend.started
+    backend.ended = True
     if status is not Status.COMPLETED:
         try:
             async with service_transaction(db) as conn:

@@ -223,3 +223,44 @@ async def test_emit_reserved_type_rejected(server: Server, tenant: Tenant) -> No
 
     assert status is Status.FAILED
     assert "reserved" in row["error_message"]
+
+
+async def test_emit_after_results_rejected(server: Server, tenant: Tenant) -> None:
+    from iiq.experiments.registry import ToolHandler, register, unregister
+
+    seen: list[BaseException] = []
+
+    async def run(ctx: Any) -> None:
+        await ctx.save_results({"done": True})
+        try:
+            await ctx.emit("progress", stage="late", payload={})
+        except InvalidTransitionError as exc:
+            seen.append(exc)
+
+    register(ToolHandler(tool_id="test.late_emit", validate=lambda cfg: [], estimate_cost=lambda cfg: 0.0, run=run))
+    try:
+        status, row = await _run(server, tenant, "test.late_emit", {})
+    finally:
+        unregister("test.late_emit")
+
+    events = await fetch_events(server.runtime.pool, row["id"])
+    assert status is Status.COMPLETED
+    assert len(seen) == 1
+    assert events[-1]["stage"] == "completed"
+
+
+async def test_oversized_summary_fails_clearly(server: Server, tenant: Tenant) -> None:
+    from iiq.experiments.registry import ToolHandler, register, unregister
+
+    async def run(ctx: Any) -> None:
+        await ctx.save_results({"blob": "x" * 100_000})
+
+    register(ToolHandler(tool_id="test.big_summary", validate=lambda cfg: [], estimate_cost=lambda cfg: 0.0, run=run))
+    try:
+        status, row = await _run(server, tenant, "test.big_summary", {})
+    finally:
+        unregister("test.big_summary")
+
+    assert status is Status.FAILED
+    assert "results summary of" in row["error_message"]
+    assert "artifact" in row["error_message"]

@@ -119,6 +119,7 @@ async def orgs(server: Server, database_url: str) -> AsyncIterator[TwoOrgs]:
             )
             assert keyed.status_code == 201, keyed.text
             keyed_ids[tenant.org_id] = keyed.json()["id"]
+            await wait_for_status(tenant, keyed_ids[tenant.org_id], TERMINAL)
             assert (await tenant.client.post(f"/experiments/{owned_id}/stream-tokens")).status_code == 201
 
         yield TwoOrgs(
