@@ -50,12 +50,16 @@ def main(argv: list[str]) -> int:
     if command == "demo":
         args = [str(BIN / "iiq"), "demo", *rest]
     elif command == "test":
+        # The tests find their fixtures relative to the checkout.
+        os.chdir(ROOT)
         args = [str(BIN / "python"), "-m", "pytest", *rest]
     elif command == "iiq":
         args = [str(BIN / "iiq"), *rest]
     else:
         args = [str(BIN / command), *rest]
-    return subprocess.call(args, cwd=ROOT)
+    # Replace this process, so that signals from a supervisor (SIGTERM) reach iiq itself and
+    # relative paths (IIQ_DATA_DIR, PYTHONPATH) keep the caller's working directory.
+    os.execv(args[0], args)
 
 
 if __name__ == "__main__":

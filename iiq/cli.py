@@ -10,6 +10,7 @@ import os
 import sys
 import uuid
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -17,6 +18,7 @@ import asyncpg
 from iiq.errors import IIQError
 from iiq.logs import configure_logging
 from iiq.settings import Settings, load_settings
+from iiq.timefmt import iso_utc
 
 
 def _uuid(value: str) -> uuid.UUID:
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        print(json.dumps(result, default=str))
+        print(json.dumps(result, default=lambda value: iso_utc(value) if isinstance(value, datetime) else str(value)))
     else:
         for key, value in result.items():
             print(f"{key}: {value}")
@@ -134,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except asyncpg.UndefinedTableError as exc:
+        print(f"iiq: the database is not migrated ({exc}): run `iiq migrate` first", file=sys.stderr)
+        return 1
     except asyncpg.PostgresError as exc:
         print(f"iiq: database error: {exc}", file=sys.stderr)
         return 1

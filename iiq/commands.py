@@ -5,19 +5,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 from typing import Any
 
+import msgspec
 import prometheus_client
 import uvicorn
 
 from iiq import orgs as org_store
 from iiq.db.pool import connect_admin
 from iiq.db.tx import set_bypass
+from iiq.errors import ConfigurationError
 from iiq.experiments import quota as quota_store
-from iiq.runtime import open_runtime, resolve_dsn, run_migrations, run_worker, start_recovery
+from iiq.experiments.registry import discover_tools
+from iiq.runtime import open_runtime, pending_migrations, resolve_dsn, run_migrations, run_worker, start_recovery
 from iiq.server import IIQServer
 from iiq.settings import Settings
+from iiq.timefmt import iso_utc
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +30,12 @@ logger = logging.getLogger(__name__)
 def serve(settings: Settings, args: argparse.Namespace) -> int:
     from iiq.api.app import create_app
 
+    if "IIQ_PUBLIC_URL" not in os.environ:
+        # Artifact links in results must reach this server; an operator behind a proxy sets the URL.
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        settings = msgspec.structs.replace(settings, public_url=f"http://{host}:{args.port}")
+    # Check what start-up needs before uvicorn runs the app, so a problem is one line, not a traceback.
+    asyncio.run(_preflight(settings))
     app = create_app(settings, with_worker=not args.no_worker)
     config = uvicorn.Config(
         app,
@@ -36,6 +47,15 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     )
     IIQServer(config, app).run()
     return 0
+
+
+async def _preflight(settings: Settings) -> None:
+    discover_tools(settings.tool_modules)
+    dsn = await resolve_dsn(settings)
+    if settings.embedded:
+        await run_migrations(dsn)
+    elif await pending_migrations(dsn):
+        raise ConfigurationError("the database has pending migrations: run `iiq migrate` first")
 
 
 async def worker(settings: Settings, args: argparse.Namespace) -> None:
@@ -110,7 +130,7 @@ async def keys(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
                 "key_id": str(row["id"]),
                 "org_id": str(row["org_id"]),
                 "name": row["name"],
-                "revoked_at": row["revoked_at"].isoformat(),
+                "revoked_at": iso_utc(row["revoked_at"]),
             }
     finally:
         await conn.close()
@@ -131,7 +151,7 @@ async def quota(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         "monthly_gpu_hours": row["monthly_gpu_hours"],
         "max_concurrent": row["max_concurrent"],
         "used_gpu_hours": row["used_gpu_hours"],
-        "month_resets_at": row["month_resets_at"].isoformat(),
+        "month_resets_at": iso_utc(row["month_resets_at"]),
     }
 
 

@@ -41,7 +41,7 @@ async def _create_tenant(dsn: str) -> str:
             key = await org_store.create_key(conn, org["id"], "demo")
     finally:
         await conn.close()
-    _say(f"created org {org['id']} and API key {key.id}")
+    _say(f"created org {org['id']} and an API key (key id {key.id})")
     return key.secret
 
 

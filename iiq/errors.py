@@ -5,6 +5,8 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
+from iiq.timefmt import iso_utc
+
 
 class IIQError(Exception):
     """Base of every error iiq raises on purpose."""
@@ -81,7 +83,7 @@ class IdempotencyKeyReused(IIQError):
     def __init__(self, key: str, expires_at: datetime) -> None:
         super().__init__(
             f"Idempotency-Key {key!r} was already used for a different request (another route or body) "
-            f"and stays reserved until {expires_at.isoformat()}: send a new key for a different request"
+            f"and stays reserved until {iso_utc(expires_at)}: send a new key for a different request"
         )
         self.key = key
         self.expires_at = expires_at

@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import procrastinate
 
-from iiq.db.embedded import start_embedded
+from iiq.db.embedded import start_embedded, stop_embedded
 from iiq.db.migrate import migrate
 from iiq.db.pool import connect_admin, create_service_pool, service_server_settings
 from iiq.db.types import Connection
@@ -107,6 +107,10 @@ async def open_runtime(
         if runtime.hub is not None:
             await runtime.hub.stop()
         await pool.close()
+        if settings.embedded:
+            # uvicorn re-raises SIGTERM once it has shut down, so exit handlers never run:
+            # release the embedded server here, which stops it if this was its last user.
+            await asyncio.to_thread(stop_embedded, settings.data_dir)
 
 
 async def run_worker(runtime: Runtime, *, stop: asyncio.Event) -> None:
@@ -125,6 +129,7 @@ async def run_worker(runtime: Runtime, *, stop: asyncio.Event) -> None:
             lambda: set(handler_tasks.values()),
             interval_seconds=runtime.settings.worker_heartbeat_seconds,
             stop=heartbeat_stop,
+            on_lost=_stop_lost_handlers,
         ),
         name="iiq-run-heartbeat",
     )
@@ -134,6 +139,14 @@ async def run_worker(runtime: Runtime, *, stop: asyncio.Event) -> None:
         heartbeat_stop.set()
         await heartbeat
         await watchdog.stop()
+
+
+def _stop_lost_handlers(experiment_ids: set[uuid.UUID]) -> None:
+    """Cancel the handler tasks of runs that ended elsewhere, so a resumed worker stops them."""
+    for task, experiment_id in list(handler_tasks.items()):
+        if experiment_id in experiment_ids and not task.done():
+            logger.warning("handler of an ended run stopped", extra={"experiment_id": str(experiment_id)})
+            task.cancel()
 
 
 def start_recovery(runtime: Runtime, stop: asyncio.Event) -> asyncio.Task[None]:

@@ -29,6 +29,7 @@ from iiq.db.tx import set_bypass
 from iiq.db.types import Connection
 from iiq.errors import AuthenticationError, NotFoundError
 from iiq.orgs import Principal
+from iiq.timefmt import iso_utc
 
 TOKEN_PREFIX = "iiqs_"
 _TOKEN_PATTERN = re.compile(r"^iiqs_[A-Za-z0-9_-]{43}$")
@@ -102,6 +103,6 @@ async def authenticate_stream_token(pool: asyncpg.Pool, token: str, experiment_i
         )
     if row["expired"]:
         raise AuthenticationError(
-            f"the stream token expired at {row['expires_at'].isoformat()}: {_how_to_get_one(experiment_id)}"
+            f"the stream token expired at {iso_utc(row['expires_at'])}: {_how_to_get_one(experiment_id)}"
         )
     return Principal(org_id=row["org_id"], key_id=row["key_id"], key_name=row["key_name"])

@@ -16,7 +16,7 @@ from iiq.db.tx import set_org
 from iiq.db.types import Connection
 from iiq.orgs import Principal, authenticate, looks_like_api_key
 from iiq.runtime import Runtime
-from iiq.stream_tokens import authenticate_stream_token
+from iiq.stream_tokens import TOKEN_PREFIX, authenticate_stream_token
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="iiq"'}
 
@@ -36,6 +36,11 @@ async def provide_principal(request: Request[Any, Any, Any], state: State) -> Pr
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise NotAuthorizedException("malformed Authorization header: expected 'Bearer <API key>'", headers=_CHALLENGE)
+    if key.strip().startswith(TOKEN_PREFIX):
+        raise NotAuthorizedException(
+            "a stream token opens only GET /experiments/{id}/events?stream_token=...: use an API key here",
+            headers=_CHALLENGE,
+        )
     principal = await authenticate(provide_runtime(state).pool, key.strip())
     if principal is None:
         raise NotAuthorizedException("invalid or revoked API key", headers=_CHALLENGE)
@@ -60,11 +65,12 @@ async def provide_stream_principal(
     the query string is rejected with 401 before anything else, even next to a valid header.
     """
     for name, value in request.query_params.multi_items():
-        if looks_like_api_key(value):
+        if looks_like_api_key(value) or looks_like_api_key(name):
             raise NotAuthorizedException(
-                f"query parameter {name!r} contains an API key: API keys are accepted only in the Authorization "
-                "header. URLs are written to access logs, so rotate that key. A browser's EventSource passes "
-                f"a stream token from POST /experiments/{experiment_id}/stream-tokens as ?stream_token= instead",
+                f"query parameter {name[:20]!r} contains an API key: API keys are accepted only in the "
+                "Authorization header. URLs are written to access logs, so rotate that key. A browser's "
+                f"EventSource passes a stream token from POST /experiments/{experiment_id}/stream-tokens "
+                "as ?stream_token= instead",
                 headers=_CHALLENGE,
             )
 

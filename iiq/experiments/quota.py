@@ -18,6 +18,7 @@ import asyncpg
 from iiq.db.queries import query
 from iiq.db.types import Connection
 from iiq.errors import NotFoundError, QuotaExceeded
+from iiq.timefmt import iso_utc
 
 # Float sums of estimates such as 0.1 + 0.2 must not refuse a budget they exactly fill.
 _EPSILON = 1e-9
@@ -93,8 +94,7 @@ async def snapshot(conn: Connection, org_id: uuid.UUID, now: datetime) -> QuotaS
 async def admit(conn: Connection, org_id: uuid.UUID, estimate: float, now: datetime) -> QuotaSnapshot:
     """Raise `QuotaExceeded` unless the org may start one more experiment costing `estimate`."""
     quota = await snapshot(conn, org_id, now)
-    # The same form as the API's datetimes (msgspec): UTC with a "Z".
-    resets_at = quota.month_resets_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    resets_at = iso_utc(quota.month_resets_at)
 
     if quota.active >= quota.max_concurrent:
         raise QuotaExceeded(

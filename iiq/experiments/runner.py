@@ -82,6 +82,7 @@ class _RunBackend:
                 stage,
                 payload,
                 max_payload_bytes=self._settings.max_event_payload_bytes,
+                require_running=True,
             )
             await self._bus.publish(conn, event)
         metrics.experiment_events_total.labels(event_type).inc()
@@ -91,7 +92,9 @@ class _RunBackend:
         if not self.cancel_seen:
             async with service_transaction(self._db) as conn:
                 row = await conn.fetchrow(query("get_experiment_status"), self.experiment_id)
-            self.cancel_seen = row is not None and (row["cancel_requested"] or row["status"] == Status.CANCELLED)
+            # A run that is no longer running (cancelled, or failed by recovery while this worker
+            # was stalled) must stop as well.
+            self.cancel_seen = row is None or row["cancel_requested"] or row["status"] != Status.RUNNING
         return self.cancel_seen
 
     async def save_results(self, summary: Mapping[str, Any]) -> None:
@@ -171,8 +174,12 @@ async def run_experiment(
         except asyncio.CancelledError:
             # The worker is shutting down and its grace period is over: end the run rather
             # than leave it running with no one behind it.
-            message = "worker shut down before the run finished; submit the experiment again"
-            await asyncio.shield(_finish(db, bus, backend, Status.FAILED, message, clock, tool_id, log_fields))
+            if backend.cancel_seen:
+                # A cancel requested before the shutdown still ends the run as cancelled.
+                ending, message = Status.CANCELLED, "cancelled on request"
+            else:
+                ending, message = Status.FAILED, "worker shut down before the run finished; submit the experiment again"
+            await asyncio.shield(_finish(db, bus, backend, ending, message, clock, tool_id, log_fields))
             raise
         finally:
             handler_tasks.pop(task, None)

@@ -34,6 +34,12 @@ async def recover_lost_runs(pool: asyncpg.Pool, bus: EventBus, lost_after_second
     async with service_transaction(pool) as conn:
         lost = await conn.fetch(query("find_lost_runs"), lost_after_seconds)
         unstarted = await conn.fetch(query("find_lost_queued_jobs"), lost_after_seconds)
+        orphaned = await conn.fetch(query("find_orphaned_jobs"), lost_after_seconds)
+
+    for row in orphaned:
+        async with service_transaction(pool) as conn:
+            await conn.execute(query("finish_lost_job"), row["job_id"])
+        logger.warning("job of an ended experiment deleted", extra={"job_id": row["job_id"]})
 
     for row in unstarted:
         async with service_transaction(pool) as conn:
@@ -81,7 +87,12 @@ async def _end_lost_run(pool: asyncpg.Pool, bus: EventBus, experiment_id: uuid.U
 
 
 async def heartbeat_loop(
-    pool: asyncpg.Pool, running: Callable[[], Iterable[uuid.UUID]], *, interval_seconds: float, stop: asyncio.Event
+    pool: asyncpg.Pool,
+    running: Callable[[], Iterable[uuid.UUID]],
+    *,
+    interval_seconds: float,
+    stop: asyncio.Event,
+    on_lost: Callable[[set[uuid.UUID]], None] = lambda ids: None,
 ) -> None:
     """Refresh `heartbeat_at` of the runs `running()` returns, every `interval_seconds`, until `stop`."""
     while not stop.is_set():
@@ -89,7 +100,10 @@ async def heartbeat_loop(
         if ids:
             try:
                 async with service_transaction(pool) as conn:
-                    await conn.execute(query("beat_running"), ids)
+                    beaten = {row["id"] for row in await conn.fetch(query("beat_running"), ids)}
+                if lost := set(ids) - beaten:
+                    # Ended elsewhere, for example failed by a sweep while this process was stalled.
+                    on_lost(lost)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 logger.error("run heartbeat failed; retrying next interval", extra={"error": repr(exc)})
         try:

@@ -10,6 +10,19 @@ INSERT INTO iiq.experiment_events (org_id, experiment_id, seq, event_type, stage
 SELECT org_id, $1, last_event_seq, $2, $3, $4 FROM next
 RETURNING seq, created_at;
 
+-- name: append_running_event
+-- As append_event, but only while the experiment is running: the row lock orders it against
+-- the terminal transition, so no handler event can follow the terminal event.
+WITH next AS (
+    UPDATE iiq.experiments
+    SET last_event_seq = last_event_seq + 1
+    WHERE id = $1 AND status = 'running'
+    RETURNING org_id, last_event_seq
+)
+INSERT INTO iiq.experiment_events (org_id, experiment_id, seq, event_type, stage, payload)
+SELECT org_id, $1, last_event_seq, $2, $3, $4 FROM next
+RETURNING seq, created_at;
+
 -- name: read_events
 SELECT seq, event_type, stage, payload, created_at
 FROM iiq.experiment_events

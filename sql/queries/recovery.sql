@@ -8,7 +8,19 @@ WHERE status = 'running'
 -- name: beat_running
 UPDATE iiq.experiments
 SET heartbeat_at = now()
-WHERE id = ANY($1::uuid[]) AND status = 'running';
+WHERE id = ANY($1::uuid[]) AND status = 'running'
+RETURNING id;
+
+-- name: find_orphaned_jobs
+-- Jobs still `doing` for an experiment that has ended, held by a lost or pruned worker: the
+-- worker died after the terminal transition and before procrastinate recorded the outcome.
+SELECT j.id AS job_id
+FROM procrastinate.procrastinate_jobs j
+JOIN iiq.experiments e ON e.job_id = j.id
+LEFT JOIN procrastinate.procrastinate_workers w ON w.id = j.worker_id
+WHERE j.status = 'doing'
+  AND e.status IN ('completed', 'failed', 'cancelled', 'timed_out')
+  AND (w.id IS NULL OR w.last_heartbeat < now() - make_interval(secs => $1));
 
 -- name: find_lost_queued_jobs
 -- Jobs a lost worker had fetched before its run was marked running: the handler never

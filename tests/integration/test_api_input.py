@@ -516,3 +516,31 @@ async def test_template_name_too_long(tenant: Tenant) -> None:
 
     assert 400 <= response.status_code < 500, response.text
     assert "200" in response.text
+
+
+@pytest.mark.parametrize("value", ["²", "٣", "１２"])
+async def test_events_non_ascii_digits_rejected(tenant: Tenant, value: str) -> None:
+    body = {"tool_id": "test.sleep", "target": SLEEP_TARGET, "input_config": {"steps": 1}}
+    experiment_id = (await tenant.client.post("/experiments", json=body)).json()["id"]
+
+    response = await tenant.client.get(f"/experiments/{experiment_id}/events", params={"last_event_id": value})
+
+    assert response.status_code == 400
+
+
+async def test_artifact_name_too_long_404(tenant: Tenant) -> None:
+    body = {"tool_id": "test.sleep", "target": SLEEP_TARGET, "input_config": {"steps": 1}}
+    experiment_id = (await tenant.client.post("/experiments", json=body)).json()["id"]
+
+    response = await tenant.client.get(f"/experiments/{experiment_id}/artifacts/{'a' * 300}")
+
+    assert response.status_code == 404
+
+
+async def test_events_api_key_as_parameter_name(tenant: Tenant) -> None:
+    body = {"tool_id": "test.sleep", "target": SLEEP_TARGET, "input_config": {"steps": 1}}
+    experiment_id = (await tenant.client.post("/experiments", json=body)).json()["id"]
+
+    response = await tenant.client.get(f"/experiments/{experiment_id}/events?{tenant.api_key}=1")
+
+    assert response.status_code == 401
