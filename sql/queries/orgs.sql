@@ -10,7 +10,7 @@ VALUES ($1, $2, $3, $4, $5)
 RETURNING id, org_id, prefix, name, created_at, revoked_at;
 
 -- name: find_api_key
-SELECT id, org_id, key_hash, name, revoked_at FROM iiq.api_keys WHERE prefix = $1;
+SELECT id, org_id, key_hash, name, revoked_at FROM iiq.find_api_key($1);
 
 -- name: revoke_api_key
 UPDATE iiq.api_keys SET revoked_at = coalesce(revoked_at, now())
