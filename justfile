@@ -8,6 +8,10 @@ demo:
 test *ARGS:
     python3 dev.py test {{ARGS}}
 
+# Run the benchmark (about 15 minutes) and write BENCHMARKS.md; `just bench --smoke` only checks that it runs.
+bench *ARGS:
+    python3 dev.py python -m tests.bench.run {{ARGS}}
+
 # Serve the API and a worker on 127.0.0.1:8000.
 serve:
     python3 dev.py iiq serve

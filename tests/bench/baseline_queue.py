@@ -5,7 +5,7 @@
     python -m tests.bench.baseline_queue fill SPEC.json RESULT.json
 
 ``worker`` runs a procrastinate worker on queue ``bench_raw`` whose task records when it
-starts and does nothing else; on SIGTERM it stops and writes each job's start time (Unix
+starts and does nothing else. On SIGTERM it stops and writes each job's start time (Unix
 seconds). ``defer`` defers `total` jobs at a steady `rate` per second and writes when each
 defer returned. ``fill`` defers `total` jobs as fast as it can, for a drain. The worker's
 options match those `iiq serve` and `iiq worker` pass.
@@ -63,7 +63,7 @@ async def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
                 stalled_worker_timeout=30.0,
             )
         )
-        Path(spec["ready_path"]).write_text("ready")
+        Path(spec["ready_path"]).write_text("ready")  # noqa: ASYNC240 - one tiny write, before any job
         await asyncio.wait({worker, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
         worker.cancel()
         await asyncio.gather(worker, return_exceptions=True)
@@ -99,7 +99,7 @@ async def run_fill(spec: dict[str, Any]) -> dict[str, Any]:
     async with app.open_async():
         task = app.tasks[RAW_TASK]
         for first in range(0, total, _FILL_BATCH):
-            batch = [{} for _ in range(min(_FILL_BATCH, total - first))]
+            batch: list[dict[str, Any]] = [{} for _ in range(min(_FILL_BATCH, total - first))]
             ids += await task.batch_defer_async(*batch)
     return {"job_ids": ids}
 

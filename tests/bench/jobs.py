@@ -3,8 +3,8 @@
 Dispatch latency is measured from the moment the deferring transaction is known to have
 committed to the moment the job starts its work. For iiq that is from the arrival of the
 `201` response (a load client's clock) to the experiment's `started_at` (Postgres `now()` of
-the transaction that marks it running); for the baseline, from the return of `defer_async`
-to the first line of the task. All clocks are this machine's wall clock.
+the transaction that marks it running). For the baseline it is from the return of
+`defer_async` to the first line of the task. All clocks are this machine's wall clock.
 
 Drain throughput is read from procrastinate's own job events for both sides: jobs divided
 by the time from the first job's `started` event to the last job's `succeeded` event.
@@ -91,6 +91,10 @@ def _count_finished(dsn: str, ids: list[str]) -> int:
     return int(rows[0]["n"])
 
 
+def _wait_finished(dsn: str, ids: list[str], description: str) -> None:
+    wait_until(lambda: _count_finished(dsn, ids) == len(ids), 120, description)
+
+
 def run_dispatch(ctx: BenchContext) -> None:
     sizes = ctx.sizes
     total = max(1, round(sizes.dispatch_rate * sizes.dispatch_seconds))
@@ -104,12 +108,13 @@ def run_dispatch(ctx: BenchContext) -> None:
         try:
             warmup = _create_load(ctx, server, tenants, {**open_spec, "total": min(total, 25)})
             ids = [response["id"] for response in warmup["responses"]]
-            wait_until(lambda: _count_finished(dsn, ids) == len(ids), 60, "the dispatch warm-up to finish")
+            _wait_finished(dsn, ids, "the dispatch warm-up to finish")
 
             for _round in range(ctx.rounds):
+                ctx.wait_for_quiet("dispatch")
                 meter = CpuMeter({"iiq serve": server.child.cpu_seconds, "Postgres": ctx.postgres.cpu_seconds})
                 meter.start()
-                with ctx.profiler.record(server.child.pid, "dispatch"):
+                with ctx.profiler.record(server.child.pid, "dispatch", dsn):
                     outcome = _create_load(ctx, server, tenants, open_spec)
                 shares = meter.stop()
                 responses = outcome["responses"]
@@ -118,19 +123,25 @@ def run_dispatch(ctx: BenchContext) -> None:
                     ctx.results.notes.append(
                         f"{DISPATCH}: {len(ids)} of {total} creates succeeded; errors: {outcome['errors'][:1]}"
                     )
-                wait_until(lambda: _count_finished(dsn, ids) == len(ids), 120, "dispatched experiments to finish")
+                _wait_finished(dsn, ids, "dispatched experiments to finish")
                 rows = fetch(
-                    dsn, "SELECT id::text AS id, started_at FROM iiq.experiments WHERE id = ANY($1::uuid[])", ids
+                    dsn,
+                    "SELECT id::text AS id, queued_at, started_at FROM iiq.experiments WHERE id = ANY($1::uuid[])",
+                    ids,
                 )
                 started = {row["id"]: row["started_at"].timestamp() for row in rows}
                 iiq_ms = [(started[r["id"]] - r["received"]) * 1000.0 for r in responses]
-                client_share = 100.0 * outcome["cpu_s"] / outcome["elapsed_s"]
-                ctx.results.cpu_share(DISPATCH, case, "iiq", "iiq serve").percent.append(shares["iiq serve"])
-                ctx.results.cpu_share(DISPATCH, case, "iiq", "load client").percent.append(client_share)
-                ctx.results.cpu_share(DISPATCH, case, "iiq", "Postgres").percent.append(shares["Postgres"])
+                # The engine's own queue wait starts at `queued_at`, the start of the create transaction,
+                # so it also counts the rest of that transaction: shown for reference, without a baseline.
+                waits_ms = [(row["started_at"] - row["queued_at"]).total_seconds() * 1000.0 for row in rows]
+                shares["load client"] = 100.0 * outcome["cpu_s"] / outcome["elapsed_s"]
+                ctx.results.record_cpu(DISPATCH, case, "iiq", shares)
 
                 base_ms = _dispatch_baseline(ctx, dsn, total, case)
                 _record_latencies(ctx, DISPATCH, case, iiq_ms, base_ms, [Target("ratio_at_most", 2.0)])
+                for fraction, name in ((0.50, "p50"), (0.99, "p99")):
+                    figure = ctx.results.figure(DISPATCH, case, f"{name} queued_at to started_at (iiq's own)", "ms")
+                    figure.iiq.append(percentile(waits_ms, fraction))
         finally:
             server.child.stop()
 
@@ -139,6 +150,7 @@ def _dispatch_baseline(ctx: BenchContext, dsn: str, total: int, case: str) -> li
     sizes = ctx.sizes
     worker, worker_result = _start_raw_worker(ctx, dsn, sizes.worker_concurrency)
     try:
+        ctx.wait_for_quiet("dispatch baseline")
         meter = CpuMeter({"procrastinate worker": worker.cpu_seconds, "Postgres": ctx.postgres.cpu_seconds})
         meter.start()
         spec = ctx.workspace.write_spec("raw-defer", {"dsn": dsn, "total": total, "rate": sizes.dispatch_rate})
@@ -155,20 +167,12 @@ def _dispatch_baseline(ctx: BenchContext, dsn: str, total: int, case: str) -> li
         shares = meter.stop()
     finally:
         started = _stop_raw_worker(worker, worker_result)["started"]
-    ctx.results.cpu_share(DISPATCH, case, "baseline", "procrastinate worker").percent.append(
-        shares["procrastinate worker"]
-    )
-    ctx.results.cpu_share(DISPATCH, case, "baseline", "Postgres").percent.append(shares["Postgres"])
+    ctx.results.record_cpu(DISPATCH, case, "baseline", shares)
     return [(started[job_id] - deferred_at) * 1000.0 for job_id, deferred_at in deferred.items()]
 
 
 def _raw_succeeded(dsn: str, job_ids: list[str]) -> int:
-    rows = fetch(
-        dsn,
-        "SELECT count(*) AS n FROM procrastinate.procrastinate_jobs WHERE id = ANY($1::bigint[]) AND status = 'succeeded'",
-        [int(job_id) for job_id in job_ids],
-    )
-    return int(rows[0]["n"])
+    return _succeeded(dsn, [int(job_id) for job_id in job_ids])
 
 
 def _record_latencies(
@@ -198,12 +202,12 @@ def _drain_window(dsn: str, job_ids: list[int]) -> tuple[float, float]:
     return row["first_start"].timestamp(), row["last_end"].timestamp()
 
 
-def _wait_with_trace(trace: CpuTrace, condition: Any, what: str) -> None:
+def _wait_with_trace(trace: CpuTrace, condition: Any, description: str) -> None:
     deadline = time.monotonic() + _DRAIN_TIMEOUT_S
     trace.sample()
     while not condition():
         if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {_DRAIN_TIMEOUT_S:g} s waiting for {what}")
+            raise BenchError(f"timed out after {_DRAIN_TIMEOUT_S:g} s waiting for {description}")
         time.sleep(0.1)
         trace.sample()
     trace.sample()
@@ -241,22 +245,24 @@ def _drain_iiq(
     if len(job_ids) != jobs:
         raise BenchError(f"{DRAIN}: expected {jobs} queued experiments, found {len(job_ids)}")
 
+    ctx.wait_for_quiet(f"drain, concurrency {concurrency}")
     worker = start_iiq_worker(ctx.workspace, dsn, "iiq-worker-drain", IIQ_WORKER_CONCURRENCY=str(concurrency))
     trace = CpuTrace({"iiq worker": worker.cpu_seconds, "Postgres": ctx.postgres.cpu_seconds})
     try:
-        with ctx.profiler.record(worker.pid, f"drain-{concurrency}"):
+        with ctx.profiler.record(worker.pid, f"drain-{concurrency}", dsn):
             _wait_with_trace(trace, lambda: _succeeded(dsn, job_ids) == jobs, "the iiq worker to drain its queue")
     finally:
         worker.stop()
     begin, end = _drain_window(dsn, job_ids)
-    _record_shares(ctx, case, "iiq", trace.shares(begin, end))
+    ctx.results.record_cpu(DRAIN, case, "iiq", trace.shares(begin, end))
     return jobs / (end - begin)
 
 
 def _succeeded(dsn: str, job_ids: list[int]) -> int:
     rows = fetch(
         dsn,
-        "SELECT count(*) AS n FROM procrastinate.procrastinate_jobs WHERE id = ANY($1::bigint[]) AND status = 'succeeded'",
+        "SELECT count(*) AS n FROM procrastinate.procrastinate_jobs "
+        "WHERE id = ANY($1::bigint[]) AND status = 'succeeded'",
         job_ids,
     )
     return int(rows[0]["n"])
@@ -269,17 +275,14 @@ def _drain_baseline(ctx: BenchContext, dsn: str, concurrency: int, case: str) ->
     job_ids = run_python_module(
         ctx.workspace, "raw-fill", "tests.bench.baseline_queue", ["fill", str(spec), str(result)], 120
     )["job_ids"]
+    ctx.wait_for_quiet(f"drain baseline, concurrency {concurrency}")
     worker, worker_result = _start_raw_worker(ctx, dsn, concurrency)
     trace = CpuTrace({"procrastinate worker": worker.cpu_seconds, "Postgres": ctx.postgres.cpu_seconds})
     try:
-        _wait_with_trace(trace, lambda: _succeeded(dsn, job_ids) == jobs, "the raw worker to drain its queue")
+        with ctx.profiler.record(worker.pid, f"drain-baseline-{concurrency}", dsn):
+            _wait_with_trace(trace, lambda: _succeeded(dsn, job_ids) == jobs, "the raw worker to drain its queue")
     finally:
         _stop_raw_worker(worker, worker_result)
     begin, end = _drain_window(dsn, job_ids)
-    _record_shares(ctx, case, "baseline", trace.shares(begin, end))
+    ctx.results.record_cpu(DRAIN, case, "baseline", trace.shares(begin, end))
     return jobs / (end - begin)
-
-
-def _record_shares(ctx: BenchContext, case: str, side: str, shares: dict[str, float]) -> None:
-    for process, percent in shares.items():
-        ctx.results.cpu_share(DRAIN, case, side, process).percent.append(percent)

@@ -16,7 +16,7 @@ The spec's ``mode`` selects one of three loops; each stops after ``total`` reque
   ``stop_path`` appears.
 
 The client speaks plain HTTP/1.1 over asyncio sockets, with no HTTP library, so its own cost
-per request stays small next to the server's; its CPU time is reported with the results.
+per request stays small next to the server's. Its CPU time is reported with the results.
 """
 
 from __future__ import annotations
@@ -372,7 +372,11 @@ async def run_streams(spec: dict[str, Any]) -> dict[str, Any]:
 
     await asyncio.gather(*(open_stream(stream) for stream in streams))
     established = run.established
-    Path(spec["ready_path"]).write_text(json.dumps({"established": established, "requested": len(streams)}))
+    # Written whole, then renamed, so the benchmark never reads a half-written file.
+    ready_path = Path(spec["ready_path"])
+    partial = ready_path.with_suffix(".partial")
+    partial.write_text(json.dumps({"established": established, "requested": len(streams)}))  # noqa: ASYNC240
+    os.replace(partial, ready_path)
 
     cpu_before = cpu_seconds()
     if run.expect_messages > 0:

@@ -13,6 +13,8 @@ from pathlib import Path
 from tests.bench.stats import Spread, spread
 
 START_MARKER = "<!-- bench:results:start -->"
+# The process name of the CPU row for all processes on the machine, the benchmark's and any other.
+WHOLE_MACHINE = "whole machine"
 END_MARKER = "<!-- bench:results:end -->"
 
 
@@ -105,6 +107,11 @@ class Results:
         self.figures.append(created)
         return created
 
+    def record_cpu(self, scenario: str, case: str, side: str, shares: dict[str, float]) -> None:
+        """Append one round's CPU shares, percent of one core by process name; the whole machine comes last."""
+        for process, percent in sorted(shares.items(), key=lambda item: item[0] == WHOLE_MACHINE):
+            self.cpu_share(scenario, case, side, process).percent.append(percent)
+
     def cpu_share(self, scenario: str, case: str, side: str, process: str) -> CpuShare:
         for existing in self.cpu:
             if (existing.scenario, existing.case, existing.side, existing.process) == (scenario, case, side, process):
@@ -141,7 +148,7 @@ def render_table(results: Results, judged: bool) -> str:
             f"| {figure.scenario} | {figure.case} | {figure.metric} "
             f"| {_spread_text(figure.iiq_spread(), figure.unit)} "
             f"| {_spread_text(figure.baseline_spread(), figure.unit)} "
-            f"| {'-' if ratio is None else f'{ratio:.2f}'} | {target} | {figure.verdict(judged)} |"
+            f"| {'-' if ratio is None else f'{ratio:.3g}'} | {target} | {figure.verdict(judged)} |"
         )
     return "\n".join(lines)
 

@@ -3,11 +3,12 @@
     python -m tests.bench.run [--smoke] [--rounds N] [--scenarios create,dispatch,...]
                               [--output BENCHMARKS.md] [--admin-url URL] [--profile DIR]
 
-It starts its own Postgres (an embedded server, unless --admin-url names one), creates a
-database per scenario family, starts iiq and baseline processes on 127.0.0.1, runs every
-scenario for a bounded count and time, stops what it started by PID, drops the databases
-and writes the table (median, minimum and maximum over the rounds, each iiq figure beside
-its baseline from the same run) into the results section of the output file.
+It starts its own Postgres (an embedded server, unless --admin-url names one) and creates a
+database per scenario family. It starts iiq and baseline processes on 127.0.0.1 and runs
+every scenario for a bounded count and time. Then it stops what it started by PID and drops
+the databases. Last it writes the table into the results section of the output file. The
+table gives the median, minimum and maximum over the rounds, each iiq figure beside its
+baseline from the same run.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,12 +30,13 @@ import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 
 from tests.bench import create, footprint, jobs, streams
 from tests.bench.context import BenchContext, Sizes
 from tests.bench.harness import ROOT, Postgres, Workspace
 from tests.bench.loadgen import raise_fd_limit
-from tests.bench.profiling import Profiler, summarize
+from tests.bench.profiling import Profiler, describe_waits, summarize
 from tests.bench.report import Results, render_section, render_table, write_report
 
 SCENARIOS: dict[str, Callable[[BenchContext], None]] = {
@@ -46,6 +49,8 @@ SCENARIOS: dict[str, Callable[[BenchContext], None]] = {
 }
 DEFAULT_ROUNDS = 3
 _PACKAGES = ("litestar", "uvicorn", "asyncpg", "procrastinate", "msgspec")
+# The code under test; changes elsewhere, such as to the benchmark itself, do not change the figures.
+_ENGINE_PATHS = ("iiq", "sql", "tools")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,8 +117,8 @@ def _git_revision() -> str:
         revision = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+        engine_changes = subprocess.run(
+            ["git", "status", "--porcelain", "--", *_ENGINE_PATHS],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -121,7 +126,10 @@ def _git_revision() -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
-    return f"{revision} with uncommitted changes" if dirty else revision
+    where = ", ".join(f"{path}/" for path in _ENGINE_PATHS)
+    if engine_changes:
+        return f"{revision} with uncommitted changes in {where}"
+    return f"{revision} ({where} as committed)"
 
 
 def header_lines(args: argparse.Namespace, postgres_facts: dict[str, str], rounds: int, elapsed_s: float) -> list[str]:
@@ -149,7 +157,8 @@ PLACEMENT = [
     "cores, scheduled by Linux. Each load client and each baseline runs in a process of its own, so no",
     "client shares an event loop with a server. The table below gives the CPU each used during the",
     "measured phase, in percent of one core (200 % is the whole machine); a client far below 100 % was",
-    "not the bottleneck.",
+    "not the bottleneck. The whole-machine row counts every process, including any outside the benchmark:",
+    "where it is far above the sum of the other rows, something else was using the machine.",
     "",
     "- Create: `iiq serve --no-worker`; one closed-loop load client process; baseline: one asyncpg loop process.",
     "- Dispatch: `iiq serve` (API and worker); one open-loop load client process; baseline: a procrastinate",
@@ -164,12 +173,18 @@ PLACEMENT = [
 def _profile_notes(profiler: Profiler) -> list[str]:
     notes = []
     for path in profiler.files:
-        samples, rows = summarize(path, top=8)
+        samples, rows = summarize(path)
         if samples == 0:
             continue
-        top = "; ".join(f"{frame} {own:.0f} % self" for frame, _inclusive, own in rows[:5])
-        notes.append(f"Profile {path.name} ({samples} samples), top frames by own time: {top}")
+        top = ", ".join(f"{function} {share:.0f} %" for function, share in rows)
+        notes.append(f"Profile {path.name}: {samples} busy samples of the main thread; by inclusive share: {top}")
+    for label, counts in profiler.waits.items():
+        notes.append(f"Postgres backends during {label}: {describe_waits(counts)}")
     return notes
+
+
+def _exit_on_signal(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     if rounds < 1:
         print(f"--rounds must be at least 1, got {rounds}", file=sys.stderr)
         return 2
-    output = args.output if args.output else (None if args.smoke else ROOT / "BENCHMARKS.md")
+    output = args.output
+    if output is None and not args.smoke:
+        output = ROOT / "BENCHMARKS.md"
     try:
         profiler = Profiler(args.profile)
     except RuntimeError as exc:
@@ -192,24 +209,28 @@ def main(argv: list[str] | None = None) -> int:
 
     # Children inherit the raised limit: thousands of streams need as many sockets.
     raise_fd_limit()
+    # SIGTERM and SIGINT unwind through the `finally` blocks that stop every child and Postgres.
+    # A shell starts background jobs with SIGINT ignored, so its handler is installed here too.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGINT, _exit_on_signal)
     began = time.monotonic()
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="iiq-bench-"))
     work_dir.mkdir(parents=True, exist_ok=True)
     postgres = Postgres(args.admin_url)
-    postgres.start()
     results = Results()
+    ctx = BenchContext(
+        postgres=postgres,
+        workspace=Workspace(work_dir),
+        sizes=Sizes.smoke() if args.smoke else Sizes.full(),
+        rounds=rounds,
+        results=results,
+        profiler=profiler,
+        smoke=args.smoke,
+    )
     failed = []
+    postgres.start()
     try:
         postgres_facts = asyncio.run(postgres.describe())
-        ctx = BenchContext(
-            postgres=postgres,
-            workspace=Workspace(work_dir),
-            sizes=Sizes.smoke() if args.smoke else Sizes.full(),
-            rounds=rounds,
-            results=results,
-            profiler=profiler,
-            smoke=args.smoke,
-        )
         for name in names:
             print(f"bench: {name} ...", flush=True)
             started = time.monotonic()
@@ -225,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.work_dir is None and not failed:
             shutil.rmtree(work_dir, ignore_errors=True)
 
+    noise = ctx.noise_note()
+    if noise is not None:
+        results.notes.append(noise)
     results.notes += _profile_notes(profiler)
     header = header_lines(args, postgres_facts, rounds, time.monotonic() - began)
     section = render_section(results, header, PLACEMENT, judged=not args.smoke)

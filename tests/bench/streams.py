@@ -5,7 +5,7 @@ clients in separate processes record when each event arrives. The baseline app p
 message of the same shape on the same schedule from in-process queues.
 
 Idle streams: the server's resident set size (VmRSS) is read before and after opening N
-streams that receive nothing, in a fresh server process per round; the cost of a stream is
+streams that receive nothing, in a fresh server process per round. The cost of a stream is
 the difference divided by N. Streams are spread evenly over the experiments (or keys).
 """
 
@@ -155,7 +155,12 @@ def _measure_fanout(
     streams: list[dict[str, Any]],
     start: Callable[[float], None],
     profile: Callable[[], Any],
+    meter: CpuMeter,
 ) -> tuple[list[float], dict[str, Any]]:
+    """Connect the streams, start the emits, and return the latencies and a summary with CPU shares.
+
+    The CPU shares cover the emitting phase only, from the start signal to the last client's exit.
+    """
     sizes = ctx.sizes
     clients = StreamClients(ctx, port, streams, sizes.fanout_events, sizes.fanout_events * sizes.fanout_interval_s + 60)
     try:
@@ -163,18 +168,22 @@ def _measure_fanout(
         if established != len(streams):
             raise BenchError(f"only {established} of {len(streams)} streams received their first message")
         with profile():
+            meter.start()
+            began = time.perf_counter()
             start(time.time() + 0.5)
             outcomes = clients.finish(_CONNECT_BUDGET_S + sizes.fanout_events * sizes.fanout_interval_s + 90)
+            wall = time.perf_counter() - began
+            shares = meter.stop()
     except BaseException:
         clients.kill()
         raise
     latencies = [value for outcome in outcomes for value in outcome["latencies_ms"]]
-    expected = len(streams) * sizes.fanout_events
+    shares["stream clients"] = 100.0 * sum(outcome["cpu_s"] for outcome in outcomes) / wall
     summary = {
         "received": len(latencies),
-        "expected": expected,
-        "client_cpu_s": sum(outcome["cpu_s"] for outcome in outcomes),
+        "expected": len(streams) * sizes.fanout_events,
         "errors": [error for outcome in outcomes for error in outcome["errors"]],
+        "shares": shares,
     }
     return latencies, summary
 
@@ -208,6 +217,7 @@ def _fanout_iiq(
     ctx: BenchContext, dsn: str, base_url: str, port: int, server: Child, tenant: Tenant, case: str, experiments: int
 ) -> list[float]:
     sizes = ctx.sizes
+    ctx.wait_for_quiet(f"fan-out {case}")
     start_file = ctx.workspace.file("fanout-start", ".txt")
     inputs = [
         {
@@ -227,20 +237,17 @@ def _fanout_iiq(
         partial.write_text(repr(at))
         os.replace(partial, start_file)
 
-    meter = CpuMeter({"iiq serve": server.cpu_seconds, "Postgres": ctx.postgres.cpu_seconds})
-    meter.start()
     latencies, summary = _measure_fanout(
         ctx,
         port,
         _iiq_streams(ids, tenant, sizes.fanout_streams),
         start,
-        lambda: ctx.profiler.record(server.pid, f"fanout-{experiments}"),
+        lambda: ctx.profiler.record(server.pid, f"fanout-{experiments}", dsn),
+        CpuMeter({"iiq serve": server.cpu_seconds, "Postgres": ctx.postgres.cpu_seconds}),
     )
-    shares = meter.stop()
     _check_received(ctx, case, "iiq", summary)
     wait_until(lambda: _count_status(dsn, ids, "completed") == len(ids), 60, "emitting experiments to complete")
-    ctx.results.cpu_share(FANOUT, case, "iiq", "iiq serve").percent.append(shares["iiq serve"])
-    ctx.results.cpu_share(FANOUT, case, "iiq", "Postgres").percent.append(shares["Postgres"])
+    ctx.results.record_cpu(FANOUT, case, "iiq", summary["shares"])
     return latencies
 
 
@@ -248,6 +255,7 @@ def _fanout_baseline(
     ctx: BenchContext, app: Child, port: int, case: str, experiments: int, round_index: int
 ) -> list[float]:
     sizes = ctx.sizes
+    ctx.wait_for_quiet(f"fan-out baseline {case}")
     keys = [f"r{round_index}-e{experiments}-{index}" for index in range(experiments)]
     offsets = dict(zip(keys, _offsets(experiments, sizes.fanout_interval_s), strict=True))
 
@@ -257,18 +265,16 @@ def _fanout_baseline(
         if response.status_code != 202:
             raise BenchError(f"baseline POST /emit answered {response.status_code}: {response.text[:300]}")
 
-    meter = CpuMeter({"bare SSE app": app.cpu_seconds})
-    meter.start()
     latencies, summary = _measure_fanout(
         ctx,
         port,
         _baseline_streams(keys, sizes.fanout_streams),
         start,
         lambda: ctx.profiler.record(app.pid, f"fanout-baseline-{experiments}"),
+        CpuMeter({"bare SSE app": app.cpu_seconds}),
     )
-    shares = meter.stop()
     _check_received(ctx, case, "baseline", summary)
-    ctx.results.cpu_share(FANOUT, case, "baseline", "bare SSE app").percent.append(shares["bare SSE app"])
+    ctx.results.record_cpu(FANOUT, case, "baseline", summary["shares"])
     return latencies
 
 
