@@ -1,4 +1,4 @@
-"""What each `iiq` sub-command does; `iiq.cli` parses the arguments."""
+"""Implementations of the `iiq` sub-commands; `iiq.cli` parses their arguments."""
 
 from __future__ import annotations
 

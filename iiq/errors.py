@@ -1,4 +1,4 @@
-"""The one exception hierarchy of iiq; the API maps these to HTTP answers in one place."""
+"""The one exception hierarchy of iiq; the API maps these to HTTP responses in one place."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class AuthenticationError(IIQError):
 
 
 class NotFoundError(IIQError):
-    """The entity does not exist or belongs to another org (the two are not told apart)."""
+    """The entity does not exist or belongs to another org (both give the same error, so existence does not leak)."""
 
     def __init__(self, entity: str, entity_id: object) -> None:
         super().__init__(f"{entity} {entity_id} not found")

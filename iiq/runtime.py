@@ -116,8 +116,8 @@ async def open_runtime(
 async def run_worker(runtime: Runtime, *, stop: asyncio.Event) -> None:
     """Run the procrastinate worker and the loop watchdog until `stop` is set.
 
-    On `stop`, the worker takes no new job, gives running ones `cancel_grace_seconds` to
-    finish, then cancels them; the runner ends each cancelled run in a terminal state.
+    On `stop`, the worker takes no new job and gives running ones `cancel_grace_seconds` to
+    finish. Then it cancels them, and the runner ends each cancelled run in a terminal state.
     """
     watchdog = LoopWatchdog(runtime.settings.loop_stall_seconds)
     await watchdog.start()

@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 class IIQServer(uvicorn.Server):
     """uvicorn waits for open connections before it runs the lifespan shutdown, so event
     streams would hold a stopping process open. On SIGTERM or SIGINT this server ends the
-    streams and tells the worker to stop taking jobs, then lets uvicorn shut down as usual.
+    streams and signals the worker to stop taking jobs, then lets uvicorn shut down as usual.
     """
 
     def __init__(self, config: uvicorn.Config, app: Litestar) -> None:

@@ -1,7 +1,7 @@
 """Shared fixtures: a real Postgres, a fresh database per test session, and a real HTTP server.
 
 Postgres comes from IIQ_TEST_ADMIN_URL (default: the local server at 127.0.0.1:5432, user
-postgres); when nothing answers there, an embedded server is started in a temporary
+postgres); when no server accepts connections there, an embedded server is started in a temporary
 directory, so the suite also runs on a machine with only Python.
 """
 
@@ -188,15 +188,15 @@ async def make_tenant(
 
 @pytest.fixture
 async def tenant_factory(server: Server, database_url: str) -> AsyncIterator[Any]:
-    made: list[Tenant] = []
+    created: list[Tenant] = []
 
     async def factory(**kwargs: Any) -> Tenant:
         tenant = await make_tenant(database_url, server.base_url, **kwargs)
-        made.append(tenant)
+        created.append(tenant)
         return tenant
 
     yield factory
-    for tenant in made:
+    for tenant in created:
         await tenant.client.aclose()
 
 

@@ -29,7 +29,7 @@ from iiq.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# Bodies above this are answered with 413; an experiment request is a few kilobytes.
+# Bodies above this get a 413 response; an experiment request is a few kilobytes.
 MAX_BODY_BYTES = 1_000_000
 
 

@@ -86,7 +86,7 @@ async def provide_stream_principal(
 
 
 async def provide_org_conn(principal: NamedDependency[Principal], state: State) -> AsyncIterator[Connection]:
-    """A connection in a transaction that sees only the caller's org; commits on success."""
+    """Yield a connection in a transaction scoped to the caller's org, committed on success."""
     async with provide_runtime(state).pool.acquire() as conn, conn.transaction():
         await set_org(conn, principal.org_id)
         yield conn

@@ -1,4 +1,4 @@
-"""The one place where domain errors and database errors become HTTP answers."""
+"""The one place where domain errors and database errors become HTTP responses."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""OpenAPI descriptions of the error answers that routes share."""
+"""OpenAPI descriptions of the error responses that routes share."""
 
 from __future__ import annotations
 

@@ -174,7 +174,7 @@ async def stream_events(
     if row["status"] in TERMINAL and after >= row["last_event_seq"]:
         # EventSource reconnects whenever a stream ends, so a browser that has seen the terminal event
         # would reconnect every few seconds. Any status but 200 makes it fail the connection for good
-        # (HTML Standard, server-sent events processing model), and 204 says that nothing more comes.
+        # (HTML Standard, server-sent events processing model), and 204 means that nothing more follows.
         return Response(content=None, status_code=HTTP_204_NO_CONTENT)
     return ServerSentEvent(_follow(runtime, runtime.hub, principal, experiment_id, after))
 

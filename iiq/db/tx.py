@@ -26,7 +26,7 @@ async def set_bypass(conn: Connection) -> None:
 
 @asynccontextmanager
 async def org_transaction(pool: asyncpg.Pool, org_id: uuid.UUID) -> AsyncIterator[Connection]:
-    """A transaction that sees only `org_id`'s rows."""
+    """Open a transaction in which row-level security shows only `org_id`'s rows."""
     async with pool.acquire() as conn, conn.transaction():
         await set_org(conn, org_id)
         yield conn
@@ -34,7 +34,7 @@ async def org_transaction(pool: asyncpg.Pool, org_id: uuid.UUID) -> AsyncIterato
 
 @asynccontextmanager
 async def service_transaction(pool: asyncpg.Pool) -> AsyncIterator[Connection]:
-    """A runner-side transaction that sees every org's rows; never used for request input."""
+    """Open a runner-side transaction that bypasses row-level security. Request handlers never use it."""
     async with pool.acquire() as conn, conn.transaction():
         await set_bypass(conn)
         yield conn

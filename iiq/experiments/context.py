@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 
 class RunBackend(Protocol):
-    """What the runner provides behind a context; handlers never see it directly."""
+    """Runner-side implementation behind a context; handlers never use it directly."""
 
     async def emit(self, event_type: str, stage: str | None, payload: Mapping[str, Any]) -> int: ...
 

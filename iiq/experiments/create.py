@@ -142,7 +142,7 @@ async def create_experiment(
     if row is None:
         # INSERT ... RETURNING returns the new row or raises, so None here would be a bug.
         raise RuntimeError(f"insert_experiment returned no row for experiment {experiment_id}")
-    # Nobody can follow the experiment before this transaction commits, so the pending event
+    # No client can follow the experiment before this transaction commits, so the pending event
     # needs no notification of its own: the one for `queued` wakes readers for both.
     await append_event(
         conn,

@@ -22,7 +22,7 @@ from iiq.timefmt import iso_utc
 
 # Float sums of estimates such as 0.1 + 0.2 must not refuse a budget they exactly fill.
 _EPSILON = 1e-9
-# Seconds a client refused for concurrency is told to wait before it retries.
+# Retry-After, in seconds, sent with a 429 for the concurrency cap.
 CONCURRENCY_RETRY_AFTER_SECONDS = 10
 
 

@@ -3,7 +3,7 @@
 Handlers run in the worker's event loop, so synchronous CPU work in one of them stalls every
 run, stream and heartbeat of the process. A thread watches a timestamp that the loop
 refreshes; when the loop misses it for `threshold` seconds, the thread logs the stall once,
-with the experiment whose handler task holds the loop and the line it is executing.
+with the experiment whose handler task is blocking the loop and the line it is executing.
 """
 
 from __future__ import annotations

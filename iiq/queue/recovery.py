@@ -1,6 +1,6 @@
 """Recovery of runs whose worker died (kill -9, OOM, lost machine).
 
-Each worker process refreshes `heartbeat_at` of the runs it holds (`heartbeat_loop`), also
+Each worker process refreshes `heartbeat_at` of the runs it executes (`heartbeat_loop`), also
 while it drains them during a graceful shutdown, when procrastinate's own worker heartbeat has
 already stopped. Every iiq process runs `recovery_loop`, which ends runs with a stale heartbeat
 as failed, charges the GPU-hours they used, writes the terminal event and deletes the job, all

@@ -28,14 +28,14 @@ async def _create(tenant: Tenant, **config: Any) -> dict[str, Any]:
     return created
 
 
-async def _wait_for_status(tenant: Tenant, experiment_id: str, wanted: set[str], timeout: float) -> dict[str, Any]:
+async def _wait_for_status(tenant: Tenant, experiment_id: str, expected: set[str], timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         experiment: dict[str, Any] = (await tenant.client.get(f"/experiments/{experiment_id}")).json()
-        if experiment["status"] in wanted:
+        if experiment["status"] in expected:
             return experiment
         await asyncio.sleep(0.1)
-    raise AssertionError(f"experiment {experiment_id} not in {wanted} after {timeout} s: {experiment['status']}")
+    raise AssertionError(f"experiment {experiment_id} not in {expected} after {timeout} s: {experiment['status']}")
 
 
 async def _jobs_left(database_url: str, experiment_id: str) -> list[str]:

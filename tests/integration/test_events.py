@@ -84,8 +84,8 @@ async def test_writer_holding_lock_keeps_order(server: Server, tenant: Tenant) -
 
     async with server.runtime.pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT set_config('app.rls_bypass', 'true', true)")
-        held = await append_event(conn, experiment["id"], "note", "api", {"held": True}, max_payload_bytes=1000)
-        await server.runtime.bus.publish(conn, held)
+        api_event = await append_event(conn, experiment["id"], "note", "api", {"held": True}, max_payload_bytes=1000)
+        await server.runtime.bus.publish(conn, api_event)
         await asyncio.sleep(0.5)  # the worker's emits queue up behind this row lock
 
     messages, _ = await asyncio.wait_for(stream, timeout=30)

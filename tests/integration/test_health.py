@@ -50,10 +50,10 @@ async def test_not_ready_without_listen(app_client: tuple[Litestar, Any]) -> Non
     app, client = app_client
     hub = app.state.runtime.hub
 
-    async def refuse() -> asyncpg.Connection:
+    async def fail_to_connect() -> asyncpg.Connection:
         raise OSError("connection refused (test)")
 
-    hub._connect = refuse  # every reconnect attempt now fails
+    hub._connect = fail_to_connect  # every reconnect attempt now fails
     hub._conn.terminate()
 
     ready = await client.get("/health/ready")

@@ -77,11 +77,11 @@ async def test_concurrency_cap_holds_under_load(tenant_factory: Any, database_ur
     assert codes.count(201) == 2
     assert codes.count(429) == 58
     assert await _org_rows(database_url, tenant.org_id) == (2, 2)
-    refused = next(response for response in responses if response.status_code == 429)
-    assert refused.headers["Retry-After"] == str(quota.CONCURRENCY_RETRY_AFTER_SECONDS)
-    assert refused.json()["extra"]["reason"] == "concurrency"
-    assert refused.json()["extra"]["max_concurrent"] == 2
-    assert refused.json()["extra"]["active"] == 2
+    rejected = next(response for response in responses if response.status_code == 429)
+    assert rejected.headers["Retry-After"] == str(quota.CONCURRENCY_RETRY_AFTER_SECONDS)
+    assert rejected.json()["extra"]["reason"] == "concurrency"
+    assert rejected.json()["extra"]["max_concurrent"] == 2
+    assert rejected.json()["extra"]["active"] == 2
     await _cancel_all(tenant)
 
 
@@ -96,12 +96,12 @@ async def test_budget_admits_exactly_n(tenant_factory: Any, database_url: str) -
     assert codes.count(201) == 10
     assert codes.count(402) == 40
     assert await _org_rows(database_url, tenant.org_id) == (10, 10)
-    refused = next(response for response in responses if response.status_code == 402).json()["extra"]
-    assert refused["reason"] == "budget"
-    assert refused["monthly_gpu_hours"] == 1.0
-    assert refused["reserved_gpu_hours"] == pytest.approx(1.0)
-    assert refused["estimated_gpu_hours"] == 0.1
-    assert "month_resets_at" in refused
+    rejected = next(response for response in responses if response.status_code == 402).json()["extra"]
+    assert rejected["reason"] == "budget"
+    assert rejected["monthly_gpu_hours"] == 1.0
+    assert rejected["reserved_gpu_hours"] == pytest.approx(1.0)
+    assert rejected["estimated_gpu_hours"] == 0.1
+    assert "month_resets_at" in rejected
     await _cancel_all(tenant)
 
 
@@ -124,13 +124,13 @@ async def test_quota_route_shows_reservation(tenant_factory: Any) -> None:
     tenant = await tenant_factory(monthly_gpu_hours=5.0, max_concurrent=3)
     await tenant.client.post("/experiments", json=_body(cost=1.5, **LONG_SLEEP))
 
-    shown = (await tenant.client.get("/quota")).json()
+    quota_body = (await tenant.client.get("/quota")).json()
 
-    assert shown["monthly_gpu_hours"] == 5.0
-    assert shown["reserved_gpu_hours"] == 1.5
-    assert shown["remaining_gpu_hours"] == 3.5
-    assert shown["active"] == 1
-    assert shown["max_concurrent"] == 3
+    assert quota_body["monthly_gpu_hours"] == 5.0
+    assert quota_body["reserved_gpu_hours"] == 1.5
+    assert quota_body["remaining_gpu_hours"] == 3.5
+    assert quota_body["active"] == 1
+    assert quota_body["max_concurrent"] == 3
     await _cancel_all(tenant)
 
 
@@ -281,7 +281,7 @@ async def test_quota_route_applies_due_reset(server: Server, tenant: Tenant) -> 
             quota.utc_now() - timedelta(seconds=1),
         )
 
-    shown = (await tenant.client.get("/quota")).json()
+    quota_body = (await tenant.client.get("/quota")).json()
 
-    assert shown["used_gpu_hours"] == 0
-    assert datetime.fromisoformat(shown["month_resets_at"]) == quota.next_month_start(quota.utc_now())
+    assert quota_body["used_gpu_hours"] == 0
+    assert datetime.fromisoformat(quota_body["month_resets_at"]) == quota.next_month_start(quota.utc_now())

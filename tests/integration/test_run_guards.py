@@ -69,7 +69,7 @@ async def test_heartbeat_reports_runs_ended_elsewhere(server: Server, tenant: Te
 
 
 async def test_emits_racing_results_never_follow_terminal(server: Server, tenant: Tenant) -> None:
-    refused: list[BaseException] = []
+    rejected_emits: list[BaseException] = []
 
     async def run(ctx: Any) -> None:
         async def chatter() -> None:
@@ -77,7 +77,7 @@ async def test_emits_racing_results_never_follow_terminal(server: Server, tenant
                 try:
                     await ctx.emit("progress", stage=f"side-{index}", payload={})
                 except InvalidTransitionError as exc:
-                    refused.append(exc)
+                    rejected_emits.append(exc)
                     return
 
         side = [asyncio.create_task(chatter()) for _ in range(8)]
@@ -96,7 +96,7 @@ async def test_emits_racing_results_never_follow_terminal(server: Server, tenant
             assert (events[-1]["event_type"], events[-1]["stage"]) == ("status", "completed")
     finally:
         unregister("test.chatter")
-    assert refused
+    assert rejected_emits
 
 
 async def test_shutdown_during_cancel_grace_ends_cancelled(server: Server, tenant: Tenant) -> None:

@@ -23,7 +23,7 @@ WAIT_SECONDS = 30.0
 LONG_SLEEP = {"steps": 50, "step_seconds": 0.1}
 SLEEP_TARGET = {"model_id": "meta-llama/Llama-3.1-8B-Instruct", "hardware": "H100-SXM"}
 TERMINAL = {"completed", "failed", "cancelled", "timed_out"}
-# Tables that carry org data, with the column that holds the org id.
+# Tables that contain org data, with the column that contains the org id.
 ORG_TABLES = {
     "experiments": "org_id",
     "experiment_events": "org_id",
@@ -66,8 +66,8 @@ class TwoOrgs:
 
 @pytest.fixture(scope="module")
 async def orgs(server: Server, database_url: str) -> AsyncIterator[TwoOrgs]:
-    """Org A with one running test.sleep experiment and one completed L5 run; org B with one
-    completed test.sleep run, so that both orgs have rows in every table."""
+    """Create org A with a running test.sleep experiment and a completed L5 run, and org B
+    with a completed test.sleep run. Both orgs then have rows in every table."""
     a = await make_tenant(database_url, server.base_url, name="org A")
     b = await make_tenant(database_url, server.base_url, name="org B")
     try:
