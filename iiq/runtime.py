@@ -43,7 +43,7 @@ class Runtime:
     collaborators: dict[str, Any] = field(default_factory=dict)
 
     async def defer_run(self, conn: Connection, experiment_id: uuid.UUID) -> int:
-        return await tasks.defer_run(self.queue, conn, experiment_id)
+        return await tasks.defer_run(conn, experiment_id)
 
     async def remove_job(self, conn: Connection, job_id: int) -> None:
         await tasks.remove_job(self.queue, conn, job_id)

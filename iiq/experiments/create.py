@@ -1,4 +1,4 @@
-"""Creating an experiment: validate, estimate, admit under quota, insert, defer, mark queued.
+"""Creating an experiment: validate, estimate, insert, defer, mark queued, admit under quota.
 
 All of it runs in the caller's transaction, so a refusal or an error leaves nothing behind.
 """
@@ -20,9 +20,9 @@ from iiq.db.queries import query
 from iiq.db.types import Connection
 from iiq.errors import QuotaExceeded, UnknownToolError, ValidationFailed
 from iiq.experiments import lifecycle, metrics, quota
-from iiq.experiments.events import EventBus, append_event
+from iiq.experiments.events import EventBus
 from iiq.experiments.registry import ToolHandler, all_handlers, get_handler
-from iiq.experiments.states import GOALS, STATUS_EVENT
+from iiq.experiments.states import GOALS
 from iiq.orgs import Principal
 from iiq.settings import Settings
 
@@ -115,12 +115,6 @@ async def create_experiment(
         raise UnknownToolError(tool_id, [h.tool_id for h in all_handlers()])
     estimate = validate_and_estimate(handler, target, input_config, goal)
 
-    try:
-        await quota.admit(conn, principal.org_id, estimate, now)
-    except QuotaExceeded as exc:
-        metrics.experiment_quota_rejections_total.labels(exc.reason).inc()
-        raise
-
     gpu_count = int(target.get("gpu_count", 1)) if handler.uses_gpu else 0
     timeout = handler.timeout_seconds or settings.default_timeout_seconds
     experiment_id = uuid.uuid4()
@@ -138,22 +132,27 @@ async def create_experiment(
         principal.created_by,
         template_id,
         config_hash(tool_id, target, input_config, goal),
+        now,
     )
     if row is None:
         # INSERT ... RETURNING returns the new row or raises, so None here would be a bug.
         raise RuntimeError(f"insert_experiment returned no row for experiment {experiment_id}")
-    # No client can follow the experiment before this transaction commits, so the pending event
-    # needs no notification of its own: the one for `queued` wakes readers for both.
-    await append_event(
-        conn,
-        experiment_id,
-        STATUS_EVENT,
-        row["status"],
-        {"status": row["status"]},
-        max_payload_bytes=settings.max_event_payload_bytes,
-    )
-    job_id = await defer(conn, experiment_id)
-    row = await lifecycle.mark_queued(conn, bus, experiment_id, job_id)
+    try:
+        if not row["quota_has_room"]:
+            # Most likely refused: say why now rather than defer a job first. When the numbers
+            # show room after all, an experiment has just ended; admission below decides.
+            refused = quota.refusal(await quota.snapshot(conn, principal.org_id, now), estimate)
+            if refused is not None:
+                raise refused
+        # The pending event needs no notification of its own: no client can follow the
+        # experiment before this transaction commits, and the one for `queued` wakes readers for both.
+        job_id = await defer(conn, experiment_id)
+        row = await lifecycle.mark_queued(conn, bus, experiment_id, job_id)
+        # Last, so that the org's quota row stays locked only from here to the commit.
+        await quota.admit(conn, principal.org_id, estimate, now)
+    except QuotaExceeded as exc:
+        metrics.experiment_quota_rejections_total.labels(exc.reason).inc()
+        raise
 
     metrics.experiments_created_total.labels(tool_id).inc()
     logger.info(

@@ -1,8 +1,10 @@
-"""Lifecycle transitions: each is one guarded UPDATE plus its event, in the caller's transaction.
+"""Lifecycle transitions: each is one statement in the caller's transaction.
 
-A transition that matches no row raises `InvalidTransitionError` naming the current state.
-The event row and its NOTIFY commit with the transition, so a stream never shows a state the
-database does not hold. Terminal transitions also charge the run's GPU-hours to the org.
+That statement is a guarded UPDATE of the experiment that also stores its status event and,
+for a transition out of pending, queued or running, releases the experiment's quota share and
+charges the run's GPU-hours (sql/queries/experiments.sql). A transition that matches no row
+raises `InvalidTransitionError` naming the current state. The event row and its NOTIFY commit
+with the transition, so a stream never shows a state the database does not hold.
 """
 
 from __future__ import annotations
@@ -24,20 +26,37 @@ from iiq.experiments.states import STATUS_EVENT, Status
 
 logger = logging.getLogger(__name__)
 
+# The error message of an experiment cancelled while pending or queued (see cancel_not_started).
+CANCELLED_BEFORE_START = "cancelled before it started"
+
 # Status events are engine-written and small; the limit only guards handler payloads.
 _STATUS_EVENT_LIMIT = 1 << 20
 
 
-async def emit_status(
-    conn: Connection, bus: EventBus, row: asyncpg.Record, payload: Mapping[str, Any] | None = None
-) -> StoredEvent:
-    body = {"status": row["status"], **(payload or {})}
-    event = await append_event(
-        conn, row["id"], STATUS_EVENT, row["status"], body, max_payload_bytes=_STATUS_EVENT_LIMIT
+async def _transition(
+    conn: Connection,
+    bus: EventBus,
+    experiment_id: uuid.UUID,
+    requested: Status,
+    name: str,
+    *args: Any,
+    payload: Mapping[str, Any],
+) -> asyncpg.Record:
+    """Run transition query `name`, which also stores the status event; announce that event."""
+    row = await conn.fetchrow(query(name), experiment_id, *args)
+    if row is None:
+        await _raise_invalid(conn, experiment_id, requested)
+    event = StoredEvent(
+        experiment_id=experiment_id,
+        seq=row["event_seq"],
+        event_type=STATUS_EVENT,
+        stage=row["status"],
+        payload=dict(payload),
+        created_at=row["event_created_at"],
     )
     await bus.publish(conn, event)
     metrics.experiment_events_total.labels(STATUS_EVENT).inc()
-    return event
+    return row
 
 
 async def _raise_invalid(conn: Connection, experiment_id: uuid.UUID, requested: Status) -> NoReturn:
@@ -48,20 +67,14 @@ async def _raise_invalid(conn: Connection, experiment_id: uuid.UUID, requested: 
 
 
 async def mark_queued(conn: Connection, bus: EventBus, experiment_id: uuid.UUID, job_id: int) -> asyncpg.Record:
-    row = await conn.fetchrow(query("mark_queued"), experiment_id, job_id)
-    if row is None:
-        await _raise_invalid(conn, experiment_id, Status.QUEUED)
-    await emit_status(conn, bus, row)
-    return row
+    payload = {"status": Status.QUEUED.value}
+    return await _transition(conn, bus, experiment_id, Status.QUEUED, "mark_queued", job_id, payload, payload=payload)
 
 
 async def mark_running(conn: Connection, bus: EventBus, experiment_id: uuid.UUID, worker: str) -> asyncpg.Record:
     """Start a queued experiment; `worker` names the process that runs it, in the event."""
-    row = await conn.fetchrow(query("mark_running"), experiment_id)
-    if row is None:
-        await _raise_invalid(conn, experiment_id, Status.RUNNING)
-    await emit_status(conn, bus, row, {"worker": worker})
-    return row
+    payload = {"status": Status.RUNNING.value, "worker": worker}
+    return await _transition(conn, bus, experiment_id, Status.RUNNING, "mark_running", payload, payload=payload)
 
 
 async def mark_completed(
@@ -72,12 +85,22 @@ async def mark_completed(
     actual_gpu_hours: float,
     now: datetime,
 ) -> asyncpg.Record:
-    row = await conn.fetchrow(query("mark_completed"), experiment_id, dict(summary), actual_gpu_hours)
-    if row is None:
-        await _raise_invalid(conn, experiment_id, Status.COMPLETED)
-    await quota.charge(conn, row["org_id"], actual_gpu_hours, now)
-    await emit_status(conn, bus, row, {"results_summary": row["results_summary"], "actual_gpu_hours": actual_gpu_hours})
-    return row
+    """Complete a running experiment, charging `actual_gpu_hours` to the month current at `now`."""
+    summary = dict(summary)
+    payload = {"status": Status.COMPLETED.value, "results_summary": summary, "actual_gpu_hours": actual_gpu_hours}
+    return await _transition(
+        conn,
+        bus,
+        experiment_id,
+        Status.COMPLETED,
+        "mark_completed",
+        summary,
+        actual_gpu_hours,
+        payload,
+        now,
+        quota.next_month_start(now),
+        payload=payload,
+    )
 
 
 async def mark_ended(
@@ -92,12 +115,21 @@ async def mark_ended(
     """End a running experiment as failed, cancelled or timed_out, charging its GPU-hours."""
     if status not in (Status.FAILED, Status.CANCELLED, Status.TIMED_OUT):
         raise ValueError(f"mark_ended cannot end an experiment as {status}")
-    row = await conn.fetchrow(query("mark_ended"), experiment_id, status.value, error_message, actual_gpu_hours)
-    if row is None:
-        await _raise_invalid(conn, experiment_id, status)
-    await quota.charge(conn, row["org_id"], actual_gpu_hours, now)
-    await emit_status(conn, bus, row, {"error_message": error_message, "actual_gpu_hours": actual_gpu_hours})
-    return row
+    payload = {"status": status.value, "error_message": error_message, "actual_gpu_hours": actual_gpu_hours}
+    return await _transition(
+        conn,
+        bus,
+        experiment_id,
+        status,
+        "mark_ended",
+        status.value,
+        error_message,
+        actual_gpu_hours,
+        payload,
+        now,
+        quota.next_month_start(now),
+        payload=payload,
+    )
 
 
 RemoveJob = Callable[[Connection, int], Awaitable[None]]
@@ -116,13 +148,23 @@ async def cancel(conn: Connection, bus: EventBus, experiment_id: uuid.UUID, remo
     status = Status(row["status"])
 
     if status in (Status.PENDING, Status.QUEUED):
-        row = await conn.fetchrow(query("cancel_not_started"), experiment_id)
-        if row is None:
-            # `lock_experiment` locked the row and read a pending or queued status, so this UPDATE matches it.
-            await _raise_invalid(conn, experiment_id, Status.CANCELLED)
+        # `lock_experiment` locked the row and read a pending or queued status, so this UPDATE matches it.
+        now = quota.utc_now()
+        payload = {"status": Status.CANCELLED.value, "error_message": CANCELLED_BEFORE_START, "actual_gpu_hours": 0.0}
+        row = await _transition(
+            conn,
+            bus,
+            experiment_id,
+            Status.CANCELLED,
+            "cancel_not_started",
+            CANCELLED_BEFORE_START,
+            payload,
+            now,
+            quota.next_month_start(now),
+            payload=payload,
+        )
         if row["job_id"] is not None:
             await remove_job(conn, row["job_id"])
-        await emit_status(conn, bus, row, {"error_message": row["error_message"], "actual_gpu_hours": 0.0})
         return row
 
     if status is Status.RUNNING:

@@ -1,9 +1,13 @@
 """Per-org quota: a monthly GPU-hour budget and a cap on concurrent experiments.
 
-Admission runs in the transaction that inserts the experiment, with the org's quota row
-locked (``FOR UPDATE``), so concurrent creates for one org are decided one at a time and
-cannot overshoot either limit. Charging runs in the transaction of the terminal
-transition, which matches at most once per experiment, so a run is charged at most once.
+The quota row of an org holds its in-flight count (`active`) and the GPU-hours those
+experiments reserve by estimate. Admission is one guarded UPDATE of that row, run as the
+create transaction's last statement, so concurrent creates of one org are decided one at a
+time, cannot overshoot either limit, and hold the row lock only until their commit. Every
+transition out of pending, queued or running releases the experiment's share and charges the
+run's GPU-hours in the transition's own statement (`iiq.release_quota`, see
+sql/queries/experiments.sql); that statement matches at most once per experiment, so a run
+is released and charged exactly once.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from iiq.timefmt import iso_utc
 _EPSILON = 1e-9
 # Retry-After, in seconds, sent with a 429 for the concurrency cap.
 CONCURRENCY_RETRY_AFTER_SECONDS = 10
+# Admissions tried before giving up when the quota keeps changing under the create.
+_ADMIT_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -59,26 +65,15 @@ async def insert_quota(
     await conn.execute(query("insert_quota"), org_id, monthly_gpu_hours, max_concurrent, next_month_start(now))
 
 
-async def lock_quota(conn: Connection, org_id: uuid.UUID, now: datetime) -> asyncpg.Record:
-    """Lock the org's quota row and apply the monthly reset if `month_resets_at` has passed."""
-    row = await conn.fetchrow(query("lock_quota"), org_id)
+async def snapshot(conn: Connection, org_id: uuid.UUID, now: datetime) -> QuotaSnapshot:
+    """Read the org's quota as of `now`, showing a monthly reset that is due but not yet written."""
+    row = await conn.fetchrow(query("read_quota"), org_id)
     if row is None:
         raise NotFoundError("quota of org", org_id)
-    if now >= row["month_resets_at"]:
-        row = await conn.fetchrow(query("reset_quota_month"), org_id, next_month_start(now))
-        if row is None:
-            raise NotFoundError("quota of org", org_id)
-    return row
-
-
-async def snapshot(conn: Connection, org_id: uuid.UUID, now: datetime) -> QuotaSnapshot:
-    row = await lock_quota(conn, org_id, now)
-    in_flight = await conn.fetchrow(query("count_in_flight"), org_id)
-    if in_flight is None:
-        # An aggregate without GROUP BY returns exactly one row.
-        raise RuntimeError(f"count_in_flight returned no row for org {org_id}")
-    used = row["used_gpu_hours"]
-    reserved = in_flight["reserved"]
+    used, resets_at = row["used_gpu_hours"], row["month_resets_at"]
+    if now >= resets_at:
+        used, resets_at = 0.0, next_month_start(now)
+    reserved = row["reserved_gpu_hours"]
     return QuotaSnapshot(
         org_id=org_id,
         monthly_gpu_hours=row["monthly_gpu_hours"],
@@ -86,28 +81,25 @@ async def snapshot(conn: Connection, org_id: uuid.UUID, now: datetime) -> QuotaS
         reserved_gpu_hours=reserved,
         remaining_gpu_hours=max(0.0, row["monthly_gpu_hours"] - used - reserved),
         max_concurrent=row["max_concurrent"],
-        active=in_flight["active"],
-        month_resets_at=row["month_resets_at"],
+        active=row["active"],
+        month_resets_at=resets_at,
     )
 
 
-async def admit(conn: Connection, org_id: uuid.UUID, estimate: float, now: datetime) -> QuotaSnapshot:
-    """Raise `QuotaExceeded` unless the org may start one more experiment costing `estimate`."""
-    quota = await snapshot(conn, org_id, now)
+def refusal(quota: QuotaSnapshot, estimate: float) -> QuotaExceeded | None:
+    """Return why `quota` has no room for an experiment estimated at `estimate` GPU-hours, or None."""
     resets_at = iso_utc(quota.month_resets_at)
-
     if quota.active >= quota.max_concurrent:
-        raise QuotaExceeded(
+        return QuotaExceeded(
             "concurrency",
             f"org has {quota.active} active experiments, the cap is {quota.max_concurrent}: "
             "wait for one to finish or cancel one",
             {"max_concurrent": quota.max_concurrent, "active": quota.active, "month_resets_at": resets_at},
             retry_after=CONCURRENCY_RETRY_AFTER_SECONDS,
         )
-
     committed = quota.used_gpu_hours + quota.reserved_gpu_hours
     if estimate > 0 and committed + estimate > quota.monthly_gpu_hours + _EPSILON:
-        raise QuotaExceeded(
+        return QuotaExceeded(
             "budget",
             f"estimated {estimate:g} GPU-hours exceed the {quota.remaining_gpu_hours:g} GPU-hours left "
             f"this month: wait for the reset at {resets_at} or ask an operator to raise the budget",
@@ -120,15 +112,26 @@ async def admit(conn: Connection, org_id: uuid.UUID, estimate: float, now: datet
             },
             retry_after=None,
         )
-    return quota
+    return None
 
 
-async def charge(conn: Connection, org_id: uuid.UUID, gpu_hours: float, now: datetime) -> None:
-    """Add a finished run's GPU-hours to the month current at `now` (after any reset)."""
-    if gpu_hours <= 0:
-        return
-    await lock_quota(conn, org_id, now)
-    await conn.execute(query("charge_quota"), org_id, gpu_hours)
+async def admit(conn: Connection, org_id: uuid.UUID, estimate: float, now: datetime) -> None:
+    """Count one more in-flight experiment of `org_id`, or raise `QuotaExceeded` if it has no room."""
+    for _attempt in range(_ADMIT_ATTEMPTS):
+        row = await conn.fetchrow(query("admit_experiment"), org_id, estimate, now, next_month_start(now))
+        if row is not None:
+            return
+        # Read the numbers for the error. They can show room again when an experiment of the
+        # org ended between the two statements; then the admission is simply tried again.
+        exc = refusal(await snapshot(conn, org_id, now), estimate)
+        if exc is not None:
+            raise exc
+    raise QuotaExceeded(
+        "concurrency",
+        f"org {org_id} kept reaching a quota limit while this experiment was admitted: retry shortly",
+        {},
+        retry_after=1,
+    )
 
 
 async def update_limits(

@@ -3,25 +3,21 @@ INSERT INTO iiq.experiment_quota (org_id, monthly_gpu_hours, max_concurrent, mon
 VALUES ($1, $2, $3, $4)
 ON CONFLICT (org_id) DO NOTHING;
 
--- name: lock_quota
-SELECT * FROM iiq.experiment_quota WHERE org_id = $1 FOR UPDATE;
+-- name: read_quota
+SELECT * FROM iiq.experiment_quota WHERE org_id = $1;
 
--- name: reset_quota_month
+-- name: admit_experiment
+-- Counts one more in-flight experiment reserving $2 GPU-hours if the org has room for it at
+-- $3, applying the monthly reset first when it is due ($4: the next reset). Returns no row on
+-- refusal. After waiting for a concurrent writer of the row, the UPDATE re-checks its WHERE
+-- clause on the new row version, so concurrent creates of one org cannot overshoot a limit.
 UPDATE iiq.experiment_quota
-SET used_gpu_hours = 0, month_resets_at = $2, updated_at = now()
-WHERE org_id = $1
-RETURNING *;
-
--- name: count_in_flight
--- Active experiments and the GPU-hours they have reserved by estimate.
-SELECT count(*)::int AS active, coalesce(sum(estimated_gpu_hours), 0)::float8 AS reserved
-FROM iiq.experiments
-WHERE org_id = $1 AND status IN ('pending', 'queued', 'running');
-
--- name: charge_quota
-UPDATE iiq.experiment_quota
-SET used_gpu_hours = used_gpu_hours + $2, updated_at = now()
-WHERE org_id = $1
+SET used_gpu_hours = CASE WHEN $3::timestamptz >= month_resets_at THEN 0 ELSE used_gpu_hours END,
+    month_resets_at = CASE WHEN $3::timestamptz >= month_resets_at THEN $4::timestamptz ELSE month_resets_at END,
+    active = active + 1,
+    reserved_gpu_hours = reserved_gpu_hours + $2::float8,
+    updated_at = now()
+WHERE org_id = $1 AND iiq.quota_has_room(experiment_quota, $2::float8, $3::timestamptz)
 RETURNING *;
 
 -- name: update_quota_limits

@@ -4,8 +4,8 @@
 
 Each of `connections` connections (as iiq's service role, with iiq's codecs) runs the same
 statements that one `POST /experiments` runs, as prepared statements. The API-key lookup
-runs on its own. Then one transaction runs the quota lock, in-flight count, insert, pending
-event, procrastinate defer, mark queued, queued event and NOTIFY. Keep it in step with
+runs on its own. Then one transaction runs the insert with its pending event, procrastinate's
+defer, mark queued with its queued event, the NOTIFY and the quota admission. Keep it in step with
 `iiq.orgs.authenticate` and `iiq.experiments.create`: the smoke test catches a renamed or
 changed query, but not a statement added to or dropped from the create path. The loop stops after
 `total` iterations or `deadline_s` seconds. What it leaves out is iiq's own cost: HTTP,
@@ -20,6 +20,7 @@ import json
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +32,24 @@ from iiq.db.pool import service_server_settings
 from iiq.db.queries import query
 from iiq.experiments.create import config_hash
 from iiq.experiments.events import EVENTS_CHANNEL
+from iiq.experiments.quota import next_month_start
 from iiq.orgs import hash_key
 from iiq.queue.codecs import init_connection
 from iiq.queue.connector import translate_query
 from iiq.queue.tasks import EXPERIMENTS_QUEUE, RUN_TASK
 from tests.bench.loadgen import cpu_seconds
 
+# The estimate of the benchmark's no-op tool.
+_ESTIMATE = 0.01
 _SET_ORG = "SELECT set_config('app.org_id', $1, true)"
 _STATEMENTS = {
     "set_org": _SET_ORG,
     "find_api_key": query("find_api_key"),
-    "lock_quota": query("lock_quota"),
-    "count_in_flight": query("count_in_flight"),
     "insert_experiment": query("insert_experiment"),
-    "append_event": query("append_event"),
     "defer_jobs": translate_query(procrastinate_sql.queries["defer_jobs"])[0],
     "mark_queued": query("mark_queued"),
     "notify_event": query("notify_event"),
+    "admit_experiment": query("admit_experiment"),
 }
 
 
@@ -77,8 +79,7 @@ class Loop:
         experiment_id = uuid.uuid4()
         async with self.conn.transaction():
             await self.s["set_org"].fetchval(str(org_id))
-            await self.s["lock_quota"].fetchrow(org_id)
-            await self.s["count_in_flight"].fetchrow(org_id)
+            now = datetime.now(UTC)
             row = _one(
                 await self.s["insert_experiment"].fetchrow(
                     experiment_id,
@@ -87,24 +88,22 @@ class Loop:
                     target,
                     {},
                     None,
-                    0.01,
+                    _ESTIMATE,
                     1,
                     1800.0,
                     f"api_key:{found['id']}",
                     None,
                     config_hash(tool_id, target, {}, None),
+                    now,
                 )
             )
-            await self.s["append_event"].fetchrow(experiment_id, "status", row["status"], {"status": row["status"]})
+            if not row["quota_has_room"]:
+                raise RuntimeError(f"org {org_id} has no room: the benchmark's quota is too small")
             job = JobToDefer(EXPERIMENTS_QUEUE, RUN_TASK, 0, None, None, {"experiment_id": str(experiment_id)}, None)
             job_id = await self.s["defer_jobs"].fetchval([job])
-            queued = _one(await self.s["mark_queued"].fetchrow(experiment_id, job_id))
-            event = _one(
-                await self.s["append_event"].fetchrow(
-                    experiment_id, "status", queued["status"], {"status": queued["status"]}
-                )
-            )
-            await self.s["notify_event"].fetchval(EVENTS_CHANNEL, f"{experiment_id}:{event['seq']}")
+            queued = _one(await self.s["mark_queued"].fetchrow(experiment_id, job_id, {"status": "queued"}))
+            await self.s["notify_event"].fetchval(EVENTS_CHANNEL, f"{experiment_id}:{queued['event_seq']}")
+            _one(await self.s["admit_experiment"].fetchrow(org_id, _ESTIMATE, now, next_month_start(now)))
 
 
 async def open_loop(dsn: str) -> Loop:

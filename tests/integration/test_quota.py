@@ -85,6 +85,61 @@ async def test_concurrency_cap_holds_under_load(tenant_factory: Any, database_ur
     await _cancel_all(tenant)
 
 
+async def _counters_and_recount(database_url: str, org_id: uuid.UUID) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Read the org's quota counters and a recount of its experiments from one snapshot."""
+    conn = await connect_admin(database_url)
+    try:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            counters = await conn.fetchrow(
+                "SELECT active, reserved_gpu_hours, used_gpu_hours FROM iiq.experiment_quota WHERE org_id = $1", org_id
+            )
+            recount = await conn.fetchrow(
+                """
+                SELECT count(*) FILTER (WHERE status IN ('pending', 'queued', 'running'))::int AS active,
+                       coalesce(sum(estimated_gpu_hours) FILTER (WHERE status IN ('pending', 'queued', 'running')), 0)
+                           AS reserved,
+                       coalesce(sum(actual_gpu_hours), 0) AS used
+                FROM iiq.experiments WHERE org_id = $1
+                """,
+                org_id,
+            )
+    finally:
+        await conn.close()
+    assert counters is not None and recount is not None
+    return (counters["active"], round(counters["reserved_gpu_hours"], 9), round(counters["used_gpu_hours"], 9)), (
+        recount["active"],
+        round(recount["reserved"], 9),
+        round(recount["used"], 9),
+    )
+
+
+async def test_counters_match_a_recount_through_churn(tenant_factory: Any, database_url: str) -> None:
+    tenant = await tenant_factory(monthly_gpu_hours=1000.0, max_concurrent=6)
+    short = {"steps": 2, "step_seconds": 0.02}
+
+    for _round in range(6):
+        responses = await asyncio.gather(
+            *(tenant.client.post("/experiments", json=_body(cost=0.3, **short)) for _ in range(10))
+        )
+        assert {response.status_code for response in responses} <= {201, 429}
+        created = [response.json()["id"] for response in responses if response.status_code == 201]
+        assert created
+        # Cancel half while the other half runs, and compare while both are under way.
+        cancels = asyncio.gather(*(tenant.client.post(f"/experiments/{id_}/cancel") for id_ in created[::2]))
+        counters, recount = await _counters_and_recount(database_url, tenant.org_id)
+        assert counters == recount
+        await cancels
+
+    for _ in range(200):
+        counters, recount = await _counters_and_recount(database_url, tenant.org_id)
+        if recount[0] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert counters == recount
+    assert counters[:2] == (0, 0)
+    assert counters[2] > 0
+
+
 async def test_budget_admits_exactly_n(tenant_factory: Any, database_url: str) -> None:
     tenant = await tenant_factory(monthly_gpu_hours=1.0, max_concurrent=100)
 
@@ -233,6 +288,7 @@ ROLLOVER_CASES = [
 
 @pytest.mark.parametrize(("resets_at", "now", "resets", "next_reset"), ROLLOVER_CASES)
 @pytest.mark.parametrize("session_zone", ["UTC", "Pacific/Kiritimati", "America/Los_Angeles"])
+@pytest.mark.parametrize("step", ["admit", "release"])
 async def test_month_rollover(
     server: Server,
     tenant: Tenant,
@@ -241,19 +297,30 @@ async def test_month_rollover(
     resets: bool,
     next_reset: datetime,
     session_zone: str,
+    step: str,
 ) -> None:
     async with server.runtime.pool.acquire() as conn, conn.transaction():
         await conn.execute(f"SET LOCAL TIME ZONE '{session_zone}'")
         await conn.execute("SELECT set_config('app.rls_bypass', 'true', true)")
         await conn.execute(
-            "UPDATE iiq.experiment_quota SET used_gpu_hours = 7, month_resets_at = $2 WHERE org_id = $1",
+            "UPDATE iiq.experiment_quota SET used_gpu_hours = 7, month_resets_at = $2, active = 1, "
+            "reserved_gpu_hours = 0.25 WHERE org_id = $1",
             tenant.org_id,
             resets_at,
         )
-        await quota.charge(conn, tenant.org_id, 0.5, now)
+        if step == "admit":
+            await quota.admit(conn, tenant.org_id, 0.5, now)
+        else:
+            # What a terminal transition does for a run of estimate 0.25 that used 0.5 GPU-hours.
+            await conn.execute(
+                "SELECT iiq.release_quota($1, 0.25, 0.5, $2, $3)", tenant.org_id, now, quota.next_month_start(now)
+            )
         row = await conn.fetchrow("SELECT * FROM iiq.experiment_quota WHERE org_id = $1", tenant.org_id)
 
-    assert row["used_gpu_hours"] == (0.5 if resets else 7.5)
+    if step == "admit":
+        assert (row["used_gpu_hours"], row["active"], row["reserved_gpu_hours"]) == (0 if resets else 7, 2, 0.75)
+    else:
+        assert (row["used_gpu_hours"], row["active"], row["reserved_gpu_hours"]) == (0.5 if resets else 7.5, 0, 0)
     assert row["month_resets_at"] == next_reset
 
 
