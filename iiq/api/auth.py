@@ -12,7 +12,7 @@ from litestar.di import NamedDependency
 from litestar.exceptions import NotAuthorizedException
 from litestar.params import FromPath, QueryParameter
 
-from iiq.db.tx import set_org
+from iiq.db.tx import scoped_transaction
 from iiq.db.types import Connection
 from iiq.orgs import Principal, authenticate, looks_like_api_key
 from iiq.runtime import Runtime
@@ -87,6 +87,5 @@ async def provide_stream_principal(
 
 async def provide_org_conn(principal: NamedDependency[Principal], state: State) -> AsyncIterator[Connection]:
     """Yield a connection in a transaction scoped to the caller's org, committed on success."""
-    async with provide_runtime(state).pool.acquire() as conn, conn.transaction():
-        await set_org(conn, principal.org_id)
+    async with provide_runtime(state).pool.acquire() as conn, scoped_transaction(conn, principal.org_id):
         yield conn

@@ -24,17 +24,54 @@ async def set_bypass(conn: Connection) -> None:
     await conn.execute("SELECT set_config('app.rls_bypass', 'true', true)")
 
 
+# BEGIN and the scope go to the server as one simple query: one round trip instead of two.
+_BEGIN_BYPASS = "BEGIN; SELECT set_config('app.rls_bypass', 'true', true)"
+_BEGIN_AS_ORG = "BEGIN; SELECT set_config('app.org_id', '{org_id}', true)"
+
+
+@asynccontextmanager
+async def scoped_transaction(conn: Connection, org_id: uuid.UUID | None) -> AsyncIterator[Connection]:
+    """Run a transaction on `conn` that sees only `org_id`'s rows, or every row when `org_id` is None.
+
+    Committed when the block ends normally and rolled back when it raises. Code inside must
+    not open `conn.transaction()`: asyncpg refuses it inside a transaction it did not begin.
+    """
+    if org_id is None:
+        begin = _BEGIN_BYPASS
+    elif isinstance(org_id, uuid.UUID):
+        # The canonical text of a UUID holds only hex digits and dashes, so it is safe inline.
+        begin = _BEGIN_AS_ORG.format(org_id=org_id)
+    else:
+        raise TypeError(f"org_id must be a uuid.UUID or None, got {type(org_id).__name__}")
+    await conn.execute(begin)
+    try:
+        yield conn
+    except BaseException:
+        await _rollback(conn)
+        raise
+    await conn.execute("COMMIT")
+
+
+async def _rollback(conn: Connection) -> None:
+    if conn.is_closed():
+        return
+    try:
+        await conn.execute("ROLLBACK")
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        # The connection is broken or still busy with a cancelled query: releasing it to the
+        # pool resets or closes it, which ends the transaction either way.
+        pass
+
+
 @asynccontextmanager
 async def org_transaction(pool: asyncpg.Pool, org_id: uuid.UUID) -> AsyncIterator[Connection]:
     """Open a transaction in which row-level security shows only `org_id`'s rows."""
-    async with pool.acquire() as conn, conn.transaction():
-        await set_org(conn, org_id)
+    async with pool.acquire() as conn, scoped_transaction(conn, org_id):
         yield conn
 
 
 @asynccontextmanager
 async def service_transaction(pool: asyncpg.Pool) -> AsyncIterator[Connection]:
     """Open a runner-side transaction that bypasses row-level security. Request handlers never use it."""
-    async with pool.acquire() as conn, conn.transaction():
-        await set_bypass(conn)
+    async with pool.acquire() as conn, scoped_transaction(conn, None):
         yield conn

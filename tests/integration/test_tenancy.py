@@ -313,10 +313,10 @@ async def test_role_without_org_sees_nothing(orgs: TwoOrgs, admin: asyncpg.Conne
 @pytest.mark.parametrize("table", sorted(ORG_TABLES))
 async def test_role_with_org_sees_own(orgs: TwoOrgs, admin: asyncpg.Connection, table: str) -> None:
     column = ORG_TABLES[table]
-    own_total = await admin.fetchval(f"SELECT count(*) FROM iiq.{table} WHERE {column} = $1", orgs.a.org_id)
-    other_total = await admin.fetchval(f"SELECT count(*) FROM iiq.{table} WHERE {column} <> $1", orgs.a.org_id)
-
-    async with admin.transaction():
+    # One snapshot for all four counts: org A's running experiment keeps adding events.
+    async with admin.transaction(isolation="repeatable_read"):
+        own_total = await admin.fetchval(f"SELECT count(*) FROM iiq.{table} WHERE {column} = $1", orgs.a.org_id)
+        other_total = await admin.fetchval(f"SELECT count(*) FROM iiq.{table} WHERE {column} <> $1", orgs.a.org_id)
         await admin.execute(f"SET LOCAL ROLE {SERVICE_ROLE}")
         await admin.execute("SELECT set_config('app.org_id', $1, true)", str(orgs.a.org_id))
         visible_own = await admin.fetchval(f"SELECT count(*) FROM iiq.{table} WHERE {column} = $1", orgs.a.org_id)
