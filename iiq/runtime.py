@@ -99,6 +99,9 @@ async def open_runtime(
                 return conn
 
             runtime.hub = EventHub(connect, pool=pool)
+            # The runner of this process hands its committed events straight to the streams here.
+            # Other processes still learn of them from the notification.
+            runtime.bus.local = runtime.hub
             await runtime.hub.start()
         runtime.queue = tasks.build_queue_app(runtime)
         async with runtime.queue.open_async():

@@ -53,17 +53,26 @@ def _is_terminal(event: StoredEvent) -> bool:
     return event.event_type == STATUS_EVENT and event.stage in TERMINAL
 
 
-def _message(event: StoredEvent) -> ServerSentEventMessage:
-    data = msgspec.json.encode(
-        {
-            "seq": event.seq,
-            "event_type": event.event_type,
-            "stage": event.stage,
-            "payload": event.payload,
-            "created_at": event.created_at,
-        }
-    ).decode()
-    return ServerSentEventMessage(data=data, event=event.event_type, id=str(event.seq))
+class _EncodedMessage(ServerSentEventMessage):
+    """An event's message, encoded once when built: every stream of a feed sends the same object."""
+
+    def __init__(self, event: StoredEvent) -> None:
+        data = msgspec.json.encode(
+            {
+                "seq": event.seq,
+                "event_type": event.event_type,
+                "stage": event.stage,
+                "payload": event.payload,
+                "created_at": event.created_at,
+            }
+        ).decode()
+        super().__init__(data=data, event=event.event_type, id=str(event.seq))
+        self._wire = super().encode()
+        # A feed keeps up to FEED_CAPACITY of these, so only the wire form keeps the data.
+        self.data = None
+
+    def encode(self) -> bytes:
+        return self._wire
 
 
 def parse_last_event_id(value: str | None) -> int:
@@ -105,7 +114,8 @@ async def _follow(
                     )
                     return
             for event in events:
-                yield _message(event)
+                # From the feed, 1,000 streams of one experiment share one encoded message.
+                yield _EncodedMessage(event) if from_table else subscription.feed.rendered(event, _EncodedMessage)
                 after = event.seq
                 if _is_terminal(event):
                     return

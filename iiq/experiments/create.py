@@ -144,8 +144,6 @@ async def create_experiment(
             refused = quota.refusal(await quota.snapshot(conn, principal.org_id, now), estimate)
             if refused is not None:
                 raise refused
-        # The pending event needs no notification of its own: no client can follow the
-        # experiment before this transaction commits, and the one for `queued` wakes readers for both.
         job_id = await defer(conn, experiment_id)
         row = await lifecycle.mark_queued(conn, bus, experiment_id, job_id)
         # Last, so that the org's quota row stays locked only from here to the commit.

@@ -1,18 +1,26 @@
 """Storing experiment events and announcing them.
 
-`append_event` writes the row; an `EventBus` announces it. The Postgres bus sends one
-``pg_notify`` carrying only ``<experiment_id>:<seq>``: payloads can exceed NOTIFY's
-7999-byte limit, and NOTIFY bypasses row-level security, so listeners re-read rows under
-their own org. The notification is delivered when the transaction commits, with the row.
+`append_event` and the lifecycle transitions write the rows. A trigger on the events table
+(sql/migrations/007_notify_events.sql) sends one ``pg_notify`` per row, carrying only
+``<experiment_id>:<seq>``: payloads can exceed NOTIFY's 7999-byte limit, and NOTIFY bypasses
+row-level security, so listeners re-read rows under their own org. The notification is
+delivered when the transaction commits, with the row. Writers still pass each stored event
+to an `EventBus`, which is where a process hands its own events to its own streams, and
+where tests record them.
+
+A process that both writes events and serves their streams (`iiq serve` with its worker)
+need not wait for its own notification: the runner hands each stored event to the bus's
+`local` streams once its transaction has committed. The notification is still sent, for
+every other process.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
@@ -20,7 +28,8 @@ from iiq.db.queries import query
 from iiq.db.types import Connection
 from iiq.errors import EventTooLargeError, InvalidTransitionError
 
-# Channel names carry a version so a future payload format can run beside this one.
+# Channel names carry a version so a future payload format can run beside this one. The
+# trigger function iiq.notify_event (sql/migrations/007_notify_events.sql) names it too.
 EVENTS_CHANNEL = "iiq_events_v1"
 
 
@@ -40,9 +49,43 @@ class EventBus(Protocol):
     async def publish(self, conn: Connection, event: StoredEvent) -> None: ...
 
 
+class LocalStreams(Protocol):
+    """The event streams of this process (the LISTEN hub), from the side of a writer in this process.
+
+    A writer calls `expect` for each event it publishes, then, once its transaction has
+    ended, `deliver` if the commit succeeded and `abandon` otherwise (or when it cannot tell).
+    A rolled-back event must never be delivered.
+    """
+
+    def expect(self, event: StoredEvent) -> None: ...
+
+    def deliver(self, event: StoredEvent) -> None: ...
+
+    def abandon(self, event: StoredEvent) -> None: ...
+
+    def watch(self, experiment_id: uuid.UUID, callback: Callable[[int | None], None]) -> None: ...
+
+    def unwatch(self, experiment_id: uuid.UUID, callback: Callable[[int | None], None]) -> None: ...
+
+
+@runtime_checkable
+class LocalEventBus(EventBus, Protocol):
+    """A bus that also reaches the streams of its own process, when that process has any."""
+
+    local: LocalStreams | None
+
+
 class PostgresEventBus:
+    """The bus of a running process. `local` is this process's streams, if any.
+
+    Publishing sends nothing: the database notifies every process of each stored event.
+    """
+
+    def __init__(self, local: LocalStreams | None = None) -> None:
+        self.local = local
+
     async def publish(self, conn: Connection, event: StoredEvent) -> None:
-        await conn.execute(query("notify_event"), EVENTS_CHANNEL, f"{event.experiment_id}:{event.seq}")
+        return None
 
 
 def encoded_size(payload: Mapping[str, Any]) -> int:

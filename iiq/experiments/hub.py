@@ -1,8 +1,9 @@
 """The in-process fan-out of event notifications: one LISTEN connection for all streams.
 
 Notifications carry ``<experiment_id>:<seq>`` only. The hub hands each to the `Feed` of that
-experiment, which reads the new rows once for all its subscribers and wakes them. A wake-up
-is a flag, not a queue, so a slow client costs one flag however many events it has not read
+experiment, which reads the new rows once for all its subscribers and wakes them. Events that
+this process writes itself reach the feed sooner, through `deliver`, right after their commit.
+A wake-up is a flag, not a queue, so a slow client costs one flag however many events it has not read
 yet. When the LISTEN connection is lost, notifications sent meanwhile are lost too: after
 reconnecting the hub refreshes every feed and wakes every subscriber, and each continues from
 its last delivered sequence number.
@@ -18,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from iiq.experiments.events import EVENTS_CHANNEL
+from iiq.experiments.events import EVENTS_CHANNEL, StoredEvent
 from iiq.experiments.feed import Feed
 from iiq.experiments.metrics import listen_reconnects_total, open_streams
 
@@ -33,20 +34,36 @@ class Subscription:
         self.hub = hub
         self.feed = feed
         self.experiment_id = feed.experiment_id
-        self._wake = asyncio.Event()
+        # A wake-up that no `wait` has taken yet; a wake-up before the wait is kept here.
+        self._woken = False
+        self._waiter: asyncio.Future[bool] | None = None
         # Set when the process shuts down: the stream should end now.
         self.closed = False
 
     def notify(self) -> None:
-        self._wake.set()
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
 
     async def wait(self, timeout: float) -> bool:
-        """Wait for a wake-up; False when `timeout` seconds passed without one."""
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
-        except TimeoutError:
-            return False
-        self._wake.clear()
+        """Wait for a wake-up; False when `timeout` seconds passed without one.
+
+        One future and one timer handle per wait: `asyncio.wait_for` would add a task per
+        wait, and every stream of an experiment waits again after each of its events.
+        """
+        if not self._woken:
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[bool] = loop.create_future()
+            timer = loop.call_later(timeout, _expire, waiter)
+            self._waiter = waiter
+            try:
+                if not await waiter:
+                    return False
+            finally:
+                timer.cancel()
+                self._waiter = None
+        self._woken = False
         return True
 
     def close(self) -> None:
@@ -68,6 +85,7 @@ class EventHub:
         self._health_check_seconds = health_check_seconds
         self._max_backoff_seconds = max_backoff_seconds
         self._feeds: dict[uuid.UUID, Feed] = {}
+        self._watchers: dict[uuid.UUID, list[Callable[[int | None], None]]] = {}
         self._conn: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -119,6 +137,43 @@ class EventHub:
             await asyncio.gather(self._task, return_exceptions=True)
         await self._close_connection()
 
+    def expect(self, event: StoredEvent) -> None:
+        """Note an event published by a transaction of this process that has not ended yet."""
+        feed = self._feeds.get(event.experiment_id)
+        if feed is not None:
+            feed.expect(event.seq)
+
+    def deliver(self, event: StoredEvent) -> None:
+        """Take an event this process wrote, right after its transaction committed.
+
+        The streams get it without waiting for its notification, which causes no read when
+        it arrives (see `Feed`). An event of an experiment with no stream here is dropped.
+        """
+        feed = self._feeds.get(event.experiment_id)
+        if feed is not None:
+            feed.offer(event, _waker(feed))
+
+    def abandon(self, event: StoredEvent) -> None:
+        """Forget an expected event whose transaction rolled back or whose outcome is unknown."""
+        feed = self._feeds.get(event.experiment_id)
+        if feed is not None:
+            feed.abandon(event.seq, _waker(feed))
+
+    def watch(self, experiment_id: uuid.UUID, callback: Callable[[int | None], None]) -> None:
+        """Call `callback` with the sequence number of each event notified for `experiment_id`.
+
+        The runner uses it to learn of a cancel request without polling. After the LISTEN
+        connection was lost and re-established, `callback` gets None: events may have been missed.
+        """
+        self._watchers.setdefault(experiment_id, []).append(callback)
+
+    def unwatch(self, experiment_id: uuid.UUID, callback: Callable[[int | None], None]) -> None:
+        callbacks = self._watchers.get(experiment_id, [])
+        if callback in callbacks:
+            callbacks.remove(callback)
+        if not callbacks:
+            self._watchers.pop(experiment_id, None)
+
     def _on_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         experiment_part, _, seq_part = payload.partition(":")
         try:
@@ -130,6 +185,8 @@ class EventHub:
         feed = self._feeds.get(experiment_id)
         if feed is not None:
             feed.announce(seq, _waker(feed))
+        for watcher in self._watchers.get(experiment_id, ()):
+            watcher(seq)
 
     def _on_termination(self, _conn: Any) -> None:
         self._lost.set()
@@ -137,6 +194,9 @@ class EventHub:
     def _wake_all(self) -> None:
         for feed in self._feeds.values():
             feed.announce(None, _waker(feed))
+        for callbacks in list(self._watchers.values()):
+            for watcher in list(callbacks):
+                watcher(None)
 
     async def _open(self) -> None:
         conn = await self._connect()
@@ -199,3 +259,8 @@ def _waker(feed: Feed) -> Callable[[], None]:
             subscription.notify()
 
     return wake
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)

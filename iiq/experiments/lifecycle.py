@@ -3,8 +3,8 @@
 That statement is a guarded UPDATE of the experiment that also stores its status event and,
 for a transition out of pending, queued or running, releases the experiment's quota share and
 charges the run's GPU-hours (sql/queries/experiments.sql). A transition that matches no row
-raises `InvalidTransitionError` naming the current state. The event row and its NOTIFY commit
-with the transition, so a stream never shows a state the database does not hold.
+raises `InvalidTransitionError` naming the current state. The event row, and the notification
+that the events table's trigger sends for it, commit with the transition, so a stream never shows a state the database does not hold.
 """
 
 from __future__ import annotations

@@ -23,11 +23,12 @@ import asyncpg
 from iiq.db.queries import query
 from iiq.db.tx import service_transaction
 from iiq.errors import EventTooLargeError, InvalidTransitionError
-from iiq.experiments import lifecycle, metrics
+from iiq.experiments import lifecycle, metrics, run_events
 from iiq.experiments.context import ExperimentContext
 from iiq.experiments.events import EventBus, append_event, encoded_size
 from iiq.experiments.quota import utc_now
 from iiq.experiments.registry import get_handler
+from iiq.experiments.run_events import RunEvents
 from iiq.experiments.states import Status
 from iiq.experiments.watchdog import handler_tasks
 from iiq.settings import Settings, load_settings
@@ -48,10 +49,15 @@ class _RunBackend:
     """The runner's side of an `ExperimentContext`."""
 
     def __init__(
-        self, db: asyncpg.Pool, bus: EventBus, row: asyncpg.Record, settings: Settings, clock: Callable[[], datetime]
+        self,
+        db: asyncpg.Pool,
+        events: RunEvents,
+        row: asyncpg.Record,
+        settings: Settings,
+        clock: Callable[[], datetime],
     ) -> None:
         self._db = db
-        self._bus = bus
+        self.events = events
         self._settings = settings
         self._clock = clock
         self.experiment_id: uuid.UUID = row["id"]
@@ -74,7 +80,7 @@ class _RunBackend:
         if self.ended:
             # Streams close at the terminal event, so a later event would never be delivered.
             raise InvalidTransitionError(self.experiment_id, "ended", "emit")
-        async with service_transaction(self._db) as conn:
+        async with self.events.transaction() as (conn, bus):
             event = await append_event(
                 conn,
                 self.experiment_id,
@@ -84,7 +90,7 @@ class _RunBackend:
                 max_payload_bytes=self._settings.max_event_payload_bytes,
                 require_running=True,
             )
-            await self._bus.publish(conn, event)
+            await bus.publish(conn, event)
         metrics.experiment_events_total.labels(event_type).inc()
         return event.seq
 
@@ -106,10 +112,8 @@ class _RunBackend:
                 f"results summary of {size} bytes exceeds the maximum of {MAX_SUMMARY_BYTES} bytes: keep the "
                 "summary small and put full reports in an artifact (ctx.artifact_path), referenced by URL"
             )
-        async with service_transaction(self._db) as conn:
-            await lifecycle.mark_completed(
-                conn, self._bus, self.experiment_id, summary, self.gpu_hours(), self._clock()
-            )
+        async with self.events.transaction() as (conn, bus):
+            await lifecycle.mark_completed(conn, bus, self.experiment_id, summary, self.gpu_hours(), self._clock())
         self.completed = True
         self.ended = True
 
@@ -129,10 +133,27 @@ async def run_experiment(
     left as it is, and its current state is returned.
     """
     settings = settings or load_settings()
+    events = RunEvents(db, bus, experiment_id)
+    # Watched from before the start, so no cancel request can fall between the start and the watch.
+    events.watch()
+    try:
+        return await _run(db, events, experiment_id, settings, collaborators, clock)
+    finally:
+        events.close()
+
+
+async def _run(
+    db: asyncpg.Pool,
+    events: RunEvents,
+    experiment_id: uuid.UUID,
+    settings: Settings,
+    collaborators: Mapping[str, Any] | None,
+    clock: Callable[[], datetime],
+) -> Status:
     log_fields: dict[str, Any] = {"experiment_id": str(experiment_id)}
 
     try:
-        async with service_transaction(db) as conn:
+        async with events.transaction() as (conn, bus):
             row = await lifecycle.mark_running(conn, bus, experiment_id, WORKER_IDENTITY)
     except InvalidTransitionError as exc:
         logger.info("experiment not started: not queued", extra={**log_fields, "status": exc.current})
@@ -145,7 +166,7 @@ async def run_experiment(
         metrics.experiment_queue_wait_seconds.labels(tool_id).observe(max(0.0, wait))
     logger.info("experiment started", extra=log_fields)
 
-    backend = _RunBackend(db, bus, row, settings, clock)
+    backend = _RunBackend(db, events, row, settings, clock)
     handler = get_handler(tool_id)
     if handler is None:
         status, message = (
@@ -179,12 +200,12 @@ async def run_experiment(
                 ending, message = Status.CANCELLED, "cancelled on request"
             else:
                 ending, message = Status.FAILED, "worker shut down before the run finished; submit the experiment again"
-            await asyncio.shield(_finish(db, bus, backend, ending, message, clock, tool_id, log_fields))
+            await asyncio.shield(_finish(backend, ending, message, clock, tool_id, log_fields))
             raise
         finally:
             handler_tasks.pop(task, None)
 
-    return await _finish(db, bus, backend, status, message, clock, tool_id, log_fields)
+    return await _finish(backend, status, message, clock, tool_id, log_fields)
 
 
 async def _supervise(
@@ -195,12 +216,18 @@ async def _supervise(
     deadline = backend.started + timeout
     cancel_deadline = math.inf
     cause: Status | None = None
+    poll_seconds = settings.cancel_poll_seconds
+    if backend.events.watching:
+        poll_seconds = max(poll_seconds, run_events.WATCHED_CANCEL_POLL_SECONDS)
 
     try:
         while not task.done():
             now = loop.time()
-            wake = min(deadline, cancel_deadline, now + settings.cancel_poll_seconds)
-            await asyncio.wait({task}, timeout=max(0.0, wake - now))
+            wake = min(deadline, cancel_deadline, now + poll_seconds)
+            # Woken early by a cancel request's notification, when this process watches the run.
+            await asyncio.wait(
+                {task, backend.events.next_news()}, timeout=max(0.0, wake - now), return_when=asyncio.FIRST_COMPLETED
+            )
             if task.done():
                 break
             now = loop.time()
@@ -243,8 +270,6 @@ async def _supervise(
 
 
 async def _finish(
-    db: asyncpg.Pool,
-    bus: EventBus,
     backend: _RunBackend,
     status: Status,
     message: str,
@@ -256,7 +281,7 @@ async def _finish(
     backend.ended = True
     if status is not Status.COMPLETED:
         try:
-            async with service_transaction(db) as conn:
+            async with backend.events.transaction() as (conn, bus):
                 await lifecycle.mark_ended(
                     conn, bus, backend.experiment_id, status, message, backend.gpu_hours(), clock()
                 )

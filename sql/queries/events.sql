@@ -29,6 +29,3 @@ FROM iiq.experiment_events
 WHERE experiment_id = $1 AND seq > $2
 ORDER BY seq
 LIMIT $3;
-
--- name: notify_event
-SELECT pg_notify($1, $2);

@@ -5,7 +5,8 @@
 Each of `connections` connections (as iiq's service role, with iiq's codecs) runs the same
 statements that one `POST /experiments` runs, as prepared statements. The API-key lookup
 runs on its own. Then one transaction runs the insert with its pending event, procrastinate's
-defer, mark queued with its queued event, the NOTIFY and the quota admission. Keep it in step with
+defer, mark queued with its queued event (the events table's trigger sends the NOTIFYs) and
+the quota admission. Keep it in step with
 `iiq.orgs.authenticate` and `iiq.experiments.create`: the smoke test catches a renamed or
 changed query, but not a statement added to or dropped from the create path. The loop stops after
 `total` iterations or `deadline_s` seconds. What it leaves out is iiq's own cost: HTTP,
@@ -31,7 +32,6 @@ from procrastinate.types import JobToDefer
 from iiq.db.pool import service_server_settings
 from iiq.db.queries import query
 from iiq.experiments.create import config_hash
-from iiq.experiments.events import EVENTS_CHANNEL
 from iiq.experiments.quota import next_month_start
 from iiq.orgs import hash_key
 from iiq.queue.codecs import init_connection
@@ -48,7 +48,6 @@ _STATEMENTS = {
     "insert_experiment": query("insert_experiment"),
     "defer_jobs": translate_query(procrastinate_sql.queries["defer_jobs"])[0],
     "mark_queued": query("mark_queued"),
-    "notify_event": query("notify_event"),
     "admit_experiment": query("admit_experiment"),
 }
 
@@ -101,8 +100,7 @@ class Loop:
                 raise RuntimeError(f"org {org_id} has no room: the benchmark's quota is too small")
             job = JobToDefer(EXPERIMENTS_QUEUE, RUN_TASK, 0, None, None, {"experiment_id": str(experiment_id)}, None)
             job_id = await self.s["defer_jobs"].fetchval([job])
-            queued = _one(await self.s["mark_queued"].fetchrow(experiment_id, job_id, {"status": "queued"}))
-            await self.s["notify_event"].fetchval(EVENTS_CHANNEL, f"{experiment_id}:{queued['event_seq']}")
+            _one(await self.s["mark_queued"].fetchrow(experiment_id, job_id, {"status": "queued"}))
             _one(await self.s["admit_experiment"].fetchrow(org_id, _ESTIMATE, now, next_month_start(now)))
 
 

@@ -1,0 +1,126 @@
+"""`RunEvents`: how one run writes its events, and learns of events of the run written by others.
+
+Every transaction of a run goes through `RunEvents.transaction()`. In a process that also
+serves streams (`iiq serve`), the committed events go straight to them, and the runner
+watches its experiment's notifications so that a cancel request wakes it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+
+from iiq.db.tx import scoped_transaction
+from iiq.db.types import Connection
+from iiq.experiments.events import EventBus, LocalEventBus, StoredEvent
+
+# Seconds between two reads of a running experiment's row when its notifications are watched
+# (`iiq serve`). A cancel request's notification wakes the runner at once, and so does the
+# re-established LISTEN connection after a loss. This poll is only the last resort.
+WATCHED_CANCEL_POLL_SECONDS = 10.0
+
+
+class RunEvents:
+    """The event writer of one run, which also reports events of the run written by others.
+
+    Every transaction of the run publishes through `transaction()`. When this process also
+    serves streams (`iiq serve`), each committed event goes to them at once (see
+    `LocalStreams`), and the run's notifications are watched. An event that the runner did
+    not write (a cancel request, or the run ended elsewhere) resolves `next_news()`, so the
+    supervisor checks the row at once instead of at its next poll.
+    """
+
+    def __init__(self, db: asyncpg.Pool, bus: EventBus, experiment_id: uuid.UUID) -> None:
+        self._db = db
+        self.bus = bus
+        self.experiment_id = experiment_id
+        self.local = bus.local if isinstance(bus, LocalEventBus) else None
+        # Sequence numbers this runner published whose notification has not arrived yet.
+        self._own: set[int] = set()
+        self._news: asyncio.Future[None] | None = None
+        self._news_pending = False
+        self.watching = False
+
+    def watch(self) -> None:
+        if self.local is not None:
+            self.local.watch(self.experiment_id, self._on_notification)
+            self.watching = True
+
+    def close(self) -> None:
+        if self.watching and self.local is not None:
+            self.local.unwatch(self.experiment_id, self._on_notification)
+            self.watching = False
+
+    def next_news(self) -> asyncio.Future[None]:
+        """Return a future that the next event of this run written by someone else resolves."""
+        news: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._news_pending:
+            self._news_pending = False
+            news.set_result(None)
+        self._news = news
+        return news
+
+    def _on_notification(self, seq: int | None) -> None:
+        if seq is not None and seq in self._own:
+            self._own.discard(seq)
+            return
+        # Someone else wrote an event of this run, or notifications may have been lost.
+        self._announce_news()
+
+    def _announce_news(self) -> None:
+        if self._news is not None and not self._news.done():
+            self._news.set_result(None)
+        else:
+            self._news_pending = True
+
+    def note_published(self, event: StoredEvent) -> None:
+        """Record `event`, published by a transaction that has not committed yet."""
+        if self.watching:
+            self._own.add(event.seq)
+        if self.local is not None:
+            self.local.expect(event)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[tuple[Connection, EventBus]]:
+        """Open a service transaction and yield its connection and the bus to publish with.
+
+        Its events reach this process's streams only once the commit has succeeded, so a
+        rolled-back event never reaches a stream, and before the connection goes back to
+        the pool, whose reset query would delay the streams by a round trip.
+        """
+        published = TransactionBus(self)
+        committed = False
+        try:
+            async with self._db.acquire() as conn:
+                async with scoped_transaction(conn, None):
+                    yield conn, published
+                committed = True
+                if self.local is not None:
+                    for event in published.events:
+                        self.local.deliver(event)
+        finally:
+            if not committed and published.events:
+                for event in published.events:
+                    # Another writer may now take this sequence number: its notification is news.
+                    self._own.discard(event.seq)
+                    if self.local is not None:
+                        self.local.abandon(event)
+                # Its notification may have arrived already and been taken for ours.
+                self._announce_news()
+
+
+class TransactionBus:
+    """The bus of one transaction of a run, which publishes each event and records it for the hand-off."""
+
+    def __init__(self, run: RunEvents) -> None:
+        self._run = run
+        self.events: list[StoredEvent] = []
+
+    async def publish(self, conn: Connection, event: StoredEvent) -> None:
+        await self._run.bus.publish(conn, event)
+        self.events.append(event)
+        self._run.note_published(event)
