@@ -22,7 +22,7 @@ from iiq.experiments.events import PostgresEventBus
 from iiq.experiments.hub import EventHub
 from iiq.experiments.registry import discover_tools
 from iiq.experiments.watchdog import LoopWatchdog, handler_tasks
-from iiq.queue import tasks
+from iiq.queue import names, tasks
 from iiq.queue.recovery import heartbeat_loop, recovery_loop
 from iiq.settings import Settings
 
@@ -41,9 +41,6 @@ class Runtime:
     hub: EventHub | None = None
     queue: procrastinate.App = field(init=False)
     collaborators: dict[str, Any] = field(default_factory=dict)
-
-    async def defer_run(self, conn: Connection, experiment_id: uuid.UUID) -> int:
-        return await tasks.defer_run(conn, experiment_id)
 
     async def remove_job(self, conn: Connection, job_id: int) -> None:
         await tasks.remove_job(self.queue, conn, job_id)
@@ -174,7 +171,7 @@ async def _supervise_worker(runtime: Runtime, stop: asyncio.Event) -> None:
         logger.info("worker starting", extra={"worker": name, "concurrency": settings.worker_concurrency})
         worker = asyncio.create_task(
             runtime.queue.run_worker_async(
-                queues=[tasks.EXPERIMENTS_QUEUE, tasks.MAINTENANCE_QUEUE],
+                queues=[names.EXPERIMENTS_QUEUE, names.MAINTENANCE_QUEUE],
                 concurrency=settings.worker_concurrency,
                 name=name,
                 install_signal_handlers=False,

@@ -113,7 +113,6 @@ class ExperimentController(Controller):
             return await create_experiment(
                 conn,
                 runtime.bus,
-                runtime.defer_run,
                 runtime.settings,
                 principal,
                 tool_id=data.tool_id,
@@ -148,7 +147,6 @@ class ExperimentController(Controller):
             return await templates.create_from_template(
                 conn,
                 runtime.bus,
-                runtime.defer_run,
                 runtime.settings,
                 principal,
                 template_id,

@@ -1,6 +1,7 @@
-"""Creating an experiment: validate, estimate, insert, defer, mark queued, admit under quota.
+"""Creating an experiment: validate and estimate, then admit, defer and insert in one statement.
 
-All of it runs in the caller's transaction, so a refusal or an error leaves nothing behind.
+The statement (`create_experiment` in sql/queries/experiments.sql) runs in the caller's
+transaction, so a refusal or an error leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ import hashlib
 import logging
 import math
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -19,16 +19,18 @@ import msgspec
 from iiq.db.queries import query
 from iiq.db.types import Connection
 from iiq.errors import QuotaExceeded, UnknownToolError, ValidationFailed
-from iiq.experiments import lifecycle, metrics, quota
-from iiq.experiments.events import EventBus
+from iiq.experiments import metrics, quota
+from iiq.experiments.events import EventBus, StoredEvent
 from iiq.experiments.registry import ToolHandler, all_handlers, get_handler
-from iiq.experiments.states import GOALS
+from iiq.experiments.states import GOALS, STATUS_EVENT
 from iiq.orgs import Principal
+from iiq.queue.names import EXPERIMENTS_QUEUE, RUN_TASK
 from iiq.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-Defer = Callable[[Connection, uuid.UUID], Awaitable[int]]
+# Creates tried before giving up when the org's quota keeps changing under the create.
+_ADMIT_ATTEMPTS = 3
 
 MAX_GPU_COUNT = 64
 _MAX_TEXT = 200
@@ -98,7 +100,6 @@ def validate_and_estimate(
 async def create_experiment(
     conn: Connection,
     bus: EventBus,
-    defer: Defer,
     settings: Settings,
     principal: Principal,
     *,
@@ -118,8 +119,7 @@ async def create_experiment(
     gpu_count = int(target.get("gpu_count", 1)) if handler.uses_gpu else 0
     timeout = handler.timeout_seconds or settings.default_timeout_seconds
     experiment_id = uuid.uuid4()
-    row = await conn.fetchrow(
-        query("insert_experiment"),
+    args = (
         experiment_id,
         principal.org_id,
         tool_id,
@@ -133,24 +133,43 @@ async def create_experiment(
         template_id,
         config_hash(tool_id, target, input_config, goal),
         now,
+        quota.next_month_start(now),
+        EXPERIMENTS_QUEUE,
+        RUN_TASK,
+        {"experiment_id": str(experiment_id)},
     )
-    if row is None:
-        # INSERT ... RETURNING returns the new row or raises, so None here would be a bug.
-        raise RuntimeError(f"insert_experiment returned no row for experiment {experiment_id}")
-    try:
-        if not row["quota_has_room"]:
-            # Most likely refused: say why now rather than defer a job first. When the numbers
-            # show room after all, an experiment has just ended; admission below decides.
-            refused = quota.refusal(await quota.snapshot(conn, principal.org_id, now), estimate)
-            if refused is not None:
-                raise refused
-        job_id = await defer(conn, experiment_id)
-        row = await lifecycle.mark_queued(conn, bus, experiment_id, job_id)
-        # Last, so that the org's quota row stays locked only from here to the commit.
-        await quota.admit(conn, principal.org_id, estimate, now)
-    except QuotaExceeded as exc:
-        metrics.experiment_quota_rejections_total.labels(exc.reason).inc()
-        raise
+    for _attempt in range(_ADMIT_ATTEMPTS):
+        row = await conn.fetchrow(query("create_experiment"), *args)
+        if row is not None:
+            break
+        # Refused. Read the numbers for the error; they can show room again when an experiment
+        # of the org ended between the two statements, and then the create is simply tried again.
+        refused = quota.refusal(await quota.snapshot(conn, principal.org_id, now), estimate)
+        if refused is not None:
+            metrics.experiment_quota_rejections_total.labels(refused.reason).inc()
+            raise refused
+    else:
+        metrics.experiment_quota_rejections_total.labels("concurrency").inc()
+        raise QuotaExceeded(
+            "concurrency",
+            f"org {principal.org_id} kept reaching a quota limit while this experiment was admitted: retry shortly",
+            {},
+            retry_after=1,
+        )
+
+    await bus.publish(
+        conn,
+        StoredEvent(
+            experiment_id=experiment_id,
+            seq=row["last_event_seq"],
+            event_type=STATUS_EVENT,
+            stage=row["status"],
+            payload={"status": row["status"]},
+            created_at=row["queued_event_created_at"],
+        ),
+    )
+    metrics.experiment_events_total.labels(STATUS_EVENT).inc(2)
+    job_id = row["job_id"]
 
     metrics.experiments_created_total.labels(tool_id).inc()
     logger.info(

@@ -4,7 +4,8 @@ That statement is a guarded UPDATE of the experiment that also stores its status
 for a transition out of pending, queued or running, releases the experiment's quota share and
 charges the run's GPU-hours (sql/queries/experiments.sql). A transition that matches no row
 raises `InvalidTransitionError` naming the current state. The event row, and the notification
-that the events table's trigger sends for it, commit with the transition, so a stream never shows a state the database does not hold.
+that the events table's trigger sends for it, commit with the transition, so a stream never
+shows a state the database does not hold.
 """
 
 from __future__ import annotations
@@ -64,11 +65,6 @@ async def _raise_invalid(conn: Connection, experiment_id: uuid.UUID, requested: 
     if current is None:
         raise NotFoundError("experiment", experiment_id)
     raise InvalidTransitionError(experiment_id, current["status"], requested)
-
-
-async def mark_queued(conn: Connection, bus: EventBus, experiment_id: uuid.UUID, job_id: int) -> asyncpg.Record:
-    payload = {"status": Status.QUEUED.value}
-    return await _transition(conn, bus, experiment_id, Status.QUEUED, "mark_queued", job_id, payload, payload=payload)
 
 
 async def mark_running(conn: Connection, bus: EventBus, experiment_id: uuid.UUID, worker: str) -> asyncpg.Record:

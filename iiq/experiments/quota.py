@@ -1,13 +1,13 @@
 """Per-org quota: a monthly GPU-hour budget and a cap on concurrent experiments.
 
 The quota row of an org holds its in-flight count (`active`) and the GPU-hours those
-experiments reserve by estimate. Admission is one guarded UPDATE of that row, run as the
-create transaction's last statement, so concurrent creates of one org are decided one at a
-time, cannot overshoot either limit, and hold the row lock only until their commit. Every
-transition out of pending, queued or running releases the experiment's share and charges the
-run's GPU-hours in the transition's own statement (`iiq.release_quota`, see
-sql/queries/experiments.sql); that statement matches at most once per experiment, so a run
-is released and charged exactly once.
+experiments reserve by estimate. Admission is a guarded UPDATE of that row inside the
+statement that creates the experiment (`create_experiment`, sql/queries/experiments.sql), so
+concurrent creates of one org are decided one at a time, cannot overshoot either limit, and
+hold the row lock only from that statement to their commit. Every transition out of pending,
+queued or running releases the experiment's share and charges the run's GPU-hours in the
+transition's own statement (`iiq.release_quota`); that statement matches at most once per
+experiment, so a run is released and charged exactly once.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from iiq.timefmt import iso_utc
 _EPSILON = 1e-9
 # Retry-After, in seconds, sent with a 429 for the concurrency cap.
 CONCURRENCY_RETRY_AFTER_SECONDS = 10
-# Admissions tried before giving up when the quota keeps changing under the create.
-_ADMIT_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -113,25 +111,6 @@ def refusal(quota: QuotaSnapshot, estimate: float) -> QuotaExceeded | None:
             retry_after=None,
         )
     return None
-
-
-async def admit(conn: Connection, org_id: uuid.UUID, estimate: float, now: datetime) -> None:
-    """Count one more in-flight experiment of `org_id`, or raise `QuotaExceeded` if it has no room."""
-    for _attempt in range(_ADMIT_ATTEMPTS):
-        row = await conn.fetchrow(query("admit_experiment"), org_id, estimate, now, next_month_start(now))
-        if row is not None:
-            return
-        # Read the numbers for the error. They can show room again when an experiment of the
-        # org ended between the two statements; then the admission is simply tried again.
-        exc = refusal(await snapshot(conn, org_id, now), estimate)
-        if exc is not None:
-            raise exc
-    raise QuotaExceeded(
-        "concurrency",
-        f"org {org_id} kept reaching a quota limit while this experiment was admitted: retry shortly",
-        {},
-        retry_after=1,
-    )
 
 
 async def update_limits(

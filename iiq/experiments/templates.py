@@ -23,7 +23,7 @@ import msgspec
 from iiq.db.queries import query
 from iiq.db.types import Connection
 from iiq.errors import ConflictError, NotFoundError, UnknownToolError, ValidationFailed
-from iiq.experiments.create import Defer, create_experiment, validate_and_estimate
+from iiq.experiments.create import create_experiment, validate_and_estimate
 from iiq.experiments.events import EventBus
 from iiq.experiments.registry import all_handlers, get_handler
 from iiq.orgs import Principal
@@ -158,7 +158,6 @@ async def delete_template(conn: Connection, template_id: uuid.UUID) -> None:
 async def create_from_template(
     conn: Connection,
     bus: EventBus,
-    defer: Defer,
     settings: Settings,
     principal: Principal,
     template_id: uuid.UUID,
@@ -184,7 +183,6 @@ async def create_from_template(
     return await create_experiment(
         conn,
         bus,
-        defer,
         settings,
         principal,
         tool_id=tool_id,

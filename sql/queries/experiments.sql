@@ -1,23 +1,44 @@
--- name: insert_experiment
--- Inserts the experiment with its `pending` status event (seq 1). quota_has_room tells whether
--- the org's quota has room for it at $13: a read without a lock, so that a create bound to be
--- refused stops here; `admit_experiment`, the create transaction's last statement, decides.
-WITH experiment AS (
+-- name: create_experiment
+-- Creates a queued experiment in one statement, or nothing when its org's quota has no room:
+-- 1. admits it: counts one more in-flight experiment reserving $7 GPU-hours on the org's quota
+--    row, applying the monthly reset first when it is due at $13 ($14: the next reset). After
+--    waiting for a concurrent writer of that row, the UPDATE re-checks its WHERE clause on the
+--    new row version, so concurrent creates of one org cannot overshoot a limit. The row stays
+--    locked until the commit, which follows this statement;
+-- 2. defers its job with procrastinate's own function ($15: queue, $16: task, $17: arguments),
+--    the one procrastinate's `defer_jobs` query calls;
+-- 3. inserts it as queued, with its `pending` and `queued` status events (seq 1 and 2). Nothing
+--    outside this transaction can see it before both events are stored.
+-- Returns the experiment's row plus queued_event_created_at; no row on refusal.
+WITH admitted AS (
+    UPDATE iiq.experiment_quota
+    SET used_gpu_hours = CASE WHEN $13::timestamptz >= month_resets_at THEN 0 ELSE used_gpu_hours END,
+        month_resets_at = CASE WHEN $13::timestamptz >= month_resets_at THEN $14::timestamptz ELSE month_resets_at END,
+        active = active + 1,
+        reserved_gpu_hours = reserved_gpu_hours + $7::float8,
+        updated_at = now()
+    WHERE org_id = $2 AND iiq.quota_has_room(experiment_quota, $7::float8, $13::timestamptz)
+    RETURNING org_id
+), job AS (
+    SELECT (procrastinate_defer_jobs_v1(ARRAY[
+        ROW($15::varchar, $16::varchar, 0, NULL, NULL, $17::jsonb, NULL)::procrastinate_job_to_defer_v1
+    ]))[1] AS id
+    FROM admitted
+), experiment AS (
     INSERT INTO iiq.experiments (
         id, org_id, tool_id, target, input_config, goal, status, estimated_gpu_hours, gpu_count,
-        timeout_seconds, created_by, template_id, config_hash, last_event_seq, created_at
+        timeout_seconds, created_by, template_id, config_hash, job_id, last_event_seq, created_at, queued_at
     )
-    VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8, $9, $10, $11, $12, 1, now())
+    SELECT $1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $10, $11, $12, job.id, 2, now(), now()
+    FROM job
     RETURNING *
 ), event AS (
     INSERT INTO iiq.experiment_events (org_id, experiment_id, seq, event_type, stage, payload)
-    SELECT org_id, id, 1, 'status', 'pending', '{"status": "pending"}'::jsonb FROM experiment
-    RETURNING seq
+    SELECT org_id, id, step.seq, 'status', step.stage, jsonb_build_object('status', step.stage)
+    FROM experiment, (VALUES (1, 'pending'), (2, 'queued')) AS step (seq, stage)
+    RETURNING seq, created_at
 )
-SELECT experiment.*,
-       coalesce((SELECT iiq.quota_has_room(q, $7::float8, $13::timestamptz)
-                 FROM iiq.experiment_quota q WHERE q.org_id = $2), false) AS quota_has_room
-FROM experiment, event;
+SELECT experiment.*, (SELECT created_at FROM event WHERE seq = 2) AS queued_event_created_at FROM experiment;
 
 -- name: get_experiment
 SELECT * FROM iiq.experiments WHERE id = $1;
@@ -38,22 +59,8 @@ LIMIT $5;
 
 -- Each transition below is one statement: the guarded UPDATE of the experiment, its status
 -- event numbered in that same UPDATE, and for transitions out of pending, queued or running, the
--- release of its quota share. Each returns the experiment's row plus event_seq and
+-- release of its quota share (iiq.release_quota). Each returns the experiment's row plus event_seq and
 -- event_created_at; no row when the guard did not match.
-
--- name: mark_queued
--- $3: the status event's payload.
-WITH moved AS (
-    UPDATE iiq.experiments
-    SET status = 'queued', job_id = $2, queued_at = now(), last_event_seq = last_event_seq + 1
-    WHERE id = $1 AND status = 'pending'
-    RETURNING *
-), event AS (
-    INSERT INTO iiq.experiment_events (org_id, experiment_id, seq, event_type, stage, payload)
-    SELECT org_id, id, last_event_seq, 'status', status, $3::jsonb FROM moved
-    RETURNING seq, created_at
-)
-SELECT moved.*, event.seq AS event_seq, event.created_at AS event_created_at FROM moved, event;
 
 -- name: mark_running
 -- $2: the status event's payload.

@@ -4,13 +4,13 @@
 
 Each of `connections` connections (as iiq's service role, with iiq's codecs) runs the same
 statements that one `POST /experiments` runs, as prepared statements. The API-key lookup
-runs on its own. Then one transaction runs the insert with its pending event, procrastinate's
-defer, mark queued with its queued event (the events table's trigger sends the NOTIFYs) and
-the quota admission. Keep it in step with
-`iiq.orgs.authenticate` and `iiq.experiments.create`: the smoke test catches a renamed or
-changed query, but not a statement added to or dropped from the create path. The loop stops after
+runs on its own. Then one transaction, begun with its org scope in one round trip as iiq
+begins it, runs the one statement that admits, defers and inserts the experiment with its
+events. Keep it in step with `iiq.orgs.authenticate` and `iiq.experiments.create`: the smoke
+test catches a renamed or changed query, but not a statement added to or dropped from the
+create path. The loop stops after
 `total` iterations or `deadline_s` seconds. What it leaves out is iiq's own cost: HTTP,
-Litestar, validation, the pool's reset on release and procrastinate's Python defer path.
+Litestar, validation and the pool's reset on release.
 """
 
 from __future__ import annotations
@@ -26,29 +26,22 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from procrastinate import sql as procrastinate_sql
-from procrastinate.types import JobToDefer
 
 from iiq.db.pool import service_server_settings
 from iiq.db.queries import query
+from iiq.db.tx import scoped_transaction
 from iiq.experiments.create import config_hash
 from iiq.experiments.quota import next_month_start
 from iiq.orgs import hash_key
 from iiq.queue.codecs import init_connection
-from iiq.queue.connector import translate_query
-from iiq.queue.tasks import EXPERIMENTS_QUEUE, RUN_TASK
+from iiq.queue.names import EXPERIMENTS_QUEUE, RUN_TASK
 from tests.bench.loadgen import cpu_seconds
 
 # The estimate of the benchmark's no-op tool.
 _ESTIMATE = 0.01
-_SET_ORG = "SELECT set_config('app.org_id', $1, true)"
 _STATEMENTS = {
-    "set_org": _SET_ORG,
     "find_api_key": query("find_api_key"),
-    "insert_experiment": query("insert_experiment"),
-    "defer_jobs": translate_query(procrastinate_sql.queries["defer_jobs"])[0],
-    "mark_queued": query("mark_queued"),
-    "admit_experiment": query("admit_experiment"),
+    "create_experiment": query("create_experiment"),
 }
 
 
@@ -76,11 +69,10 @@ class Loop:
 
         org_id = found["org_id"]
         experiment_id = uuid.uuid4()
-        async with self.conn.transaction():
-            await self.s["set_org"].fetchval(str(org_id))
+        async with scoped_transaction(self.conn, org_id):
             now = datetime.now(UTC)
-            row = _one(
-                await self.s["insert_experiment"].fetchrow(
+            _one(
+                await self.s["create_experiment"].fetchrow(
                     experiment_id,
                     org_id,
                     tool_id,
@@ -94,14 +86,12 @@ class Loop:
                     None,
                     config_hash(tool_id, target, {}, None),
                     now,
+                    next_month_start(now),
+                    EXPERIMENTS_QUEUE,
+                    RUN_TASK,
+                    {"experiment_id": str(experiment_id)},
                 )
             )
-            if not row["quota_has_room"]:
-                raise RuntimeError(f"org {org_id} has no room: the benchmark's quota is too small")
-            job = JobToDefer(EXPERIMENTS_QUEUE, RUN_TASK, 0, None, None, {"experiment_id": str(experiment_id)}, None)
-            job_id = await self.s["defer_jobs"].fetchval([job])
-            _one(await self.s["mark_queued"].fetchrow(experiment_id, job_id, {"status": "queued"}))
-            _one(await self.s["admit_experiment"].fetchrow(org_id, _ESTIMATE, now, next_month_start(now)))
 
 
 async def open_loop(dsn: str) -> Loop:

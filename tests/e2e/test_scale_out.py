@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from iiq.db.pool import connect_admin
 from tests.conftest import free_port, make_tenant
 from tests.support.processes import IIQProcess, wait_until_healthy
 from tests.support.sse import read_stream
@@ -23,6 +24,26 @@ def _sample_sum(text: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(key) == value for key, value in labels.items()):
                 total += sample.value
     return total
+
+
+async def _wait_for_succeeded_jobs(database_url: str, experiment_ids: list[str]) -> None:
+    conn = await connect_admin(database_url)
+    try:
+        for _ in range(300):
+            succeeded = await conn.fetchval(
+                """
+                SELECT count(*) FROM procrastinate.procrastinate_jobs j
+                JOIN iiq.experiments e ON e.job_id = j.id
+                WHERE e.id = ANY($1::uuid[]) AND j.status = 'succeeded'
+                """,
+                experiment_ids,
+            )
+            if succeeded == len(experiment_ids):
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    raise AssertionError(f"{succeeded} of {len(experiment_ids)} jobs succeeded after 15 s")
 
 
 async def test_two_apis_two_workers_share_work(e2e_database: str, tmp_path: Path) -> None:
@@ -78,6 +99,9 @@ async def test_two_apis_two_workers_share_work(e2e_database: str, tmp_path: Path
             runners.add(running.data["payload"]["worker"])
         assert len(runners) == 2
 
+        # A worker counts a run after its terminal commit, which the streams may see first.
+        # procrastinate marks the job succeeded only after the run returned, counter included.
+        await _wait_for_succeeded_jobs(e2e_database, [experiment["id"] for experiment in created])
         created_total = 0.0
         for port in api_ports:
             text = (await same_org.client.get(f"http://127.0.0.1:{port}/metrics")).text

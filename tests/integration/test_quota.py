@@ -16,8 +16,10 @@ from iiq.db.pool import connect_admin
 from iiq.db.tx import service_transaction
 from iiq.errors import InvalidTransitionError
 from iiq.experiments import lifecycle, quota
+from iiq.experiments.create import create_experiment
 from iiq.experiments.runner import run_experiment
 from iiq.experiments.states import Status
+from iiq.orgs import Principal
 from tests.conftest import Server, Tenant
 from tests.support.lifecycle import RecordingBus, create_unqueued, fetch_experiment
 
@@ -299,6 +301,33 @@ async def test_month_rollover(
     session_zone: str,
     step: str,
 ) -> None:
+    principal = Principal(org_id=tenant.org_id, key_id=tenant.key_id, key_name="test")
+    with pytest.raises(_RolledBack) as rolled_back:
+        await _step_then_roll_back(server, tenant, principal, resets_at, now, session_zone, step)
+    row = rolled_back.value.row
+
+    if step == "admit":
+        assert (row["used_gpu_hours"], row["active"], row["reserved_gpu_hours"]) == (0 if resets else 7, 2, 0.75)
+    else:
+        assert (row["used_gpu_hours"], row["active"], row["reserved_gpu_hours"]) == (0.5 if resets else 7.5, 0, 0)
+    assert row["month_resets_at"] == next_reset
+
+
+class _RolledBack(Exception):
+    def __init__(self, row: asyncpg.Record) -> None:
+        self.row = row
+
+
+async def _step_then_roll_back(
+    server: Server,
+    tenant: Tenant,
+    principal: Principal,
+    resets_at: datetime,
+    now: datetime,
+    session_zone: str,
+    step: str,
+) -> None:
+    """Admit or release at `now`, read the quota row, then roll back, so no run ever starts."""
     async with server.runtime.pool.acquire() as conn, conn.transaction():
         await conn.execute(f"SET LOCAL TIME ZONE '{session_zone}'")
         await conn.execute("SELECT set_config('app.rls_bypass', 'true', true)")
@@ -309,19 +338,25 @@ async def test_month_rollover(
             resets_at,
         )
         if step == "admit":
-            await quota.admit(conn, tenant.org_id, 0.5, now)
+            body = _body(cost=0.5)
+            await create_experiment(
+                conn,
+                RecordingBus(),
+                server.settings,
+                principal,
+                tool_id=body["tool_id"],
+                target=body["target"],
+                input_config=body["input_config"],
+                goal=None,
+                now=now,
+            )
         else:
             # What a terminal transition does for a run of estimate 0.25 that used 0.5 GPU-hours.
             await conn.execute(
                 "SELECT iiq.release_quota($1, 0.25, 0.5, $2, $3)", tenant.org_id, now, quota.next_month_start(now)
             )
         row = await conn.fetchrow("SELECT * FROM iiq.experiment_quota WHERE org_id = $1", tenant.org_id)
-
-    if step == "admit":
-        assert (row["used_gpu_hours"], row["active"], row["reserved_gpu_hours"]) == (0 if resets else 7, 2, 0.75)
-    else:
-        assert (row["used_gpu_hours"], row["active"], row["reserved_gpu_hours"]) == (0.5 if resets else 7.5, 0, 0)
-    assert row["month_resets_at"] == next_reset
+        raise _RolledBack(row)
 
 
 def test_next_month_start_ignores_process_zone() -> None:

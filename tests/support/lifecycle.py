@@ -31,10 +31,6 @@ class RecordingBus:
         return [(event.event_type, event.stage) for event in self.published]
 
 
-async def _no_defer(conn: asyncpg.Connection, experiment_id: uuid.UUID) -> int:
-    return NO_JOB
-
-
 async def create_unqueued(
     pool: asyncpg.Pool,
     settings: Settings,
@@ -50,7 +46,6 @@ async def create_unqueued(
         row = await create_experiment(
             conn,
             RecordingBus(),
-            _no_defer,
             settings,
             principal,
             tool_id=tool_id,
@@ -59,6 +54,9 @@ async def create_unqueued(
             goal=goal,
             now=utc_now(),
         )
+        # Before the commit, so no worker ever sees the job.
+        await conn.execute("DELETE FROM procrastinate.procrastinate_jobs WHERE id = $1", row["job_id"])
+        await conn.execute("UPDATE iiq.experiments SET job_id = $2 WHERE id = $1", row["id"], NO_JOB)
     experiment_id: uuid.UUID = row["id"]
     return experiment_id
 
