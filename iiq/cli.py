@@ -102,6 +102,15 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
             print(f"{key}: {value}")
 
 
+def fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """Return uvloop's loop factory when uvloop is installed (as uvicorn also prefers it), else None."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -130,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         outcome = handlers[args.command](settings, args)
         if isinstance(outcome, int):
             return outcome
-        result = asyncio.run(outcome)
+        with asyncio.Runner(loop_factory=fast_loop_factory()) as runner:
+            result = runner.run(outcome)
     except IIQError as exc:
         print(f"iiq: {exc}", file=sys.stderr)
         return 1
