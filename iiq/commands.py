@@ -143,15 +143,19 @@ async def quota(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     try:
         async with conn.transaction():
             await set_bypass(conn)
-            row = await quota_store.update_limits(conn, args.org, args.monthly_gpu_hours, args.max_concurrent)
+            await quota_store.update_limits(conn, args.org, args.monthly_gpu_hours, args.max_concurrent)
+            snap = await quota_store.snapshot(conn, args.org)
     finally:
         await conn.close()
     return {
-        "org_id": str(row["org_id"]),
-        "monthly_gpu_hours": row["monthly_gpu_hours"],
-        "max_concurrent": row["max_concurrent"],
-        "used_gpu_hours": row["used_gpu_hours"],
-        "month_resets_at": iso_utc(row["month_resets_at"]),
+        "org_id": str(snap.org_id),
+        "monthly_gpu_hours": snap.monthly_gpu_hours,
+        "max_concurrent": snap.max_concurrent,
+        "used_gpu_hours": snap.used_gpu_hours,
+        "reserved_gpu_hours": snap.reserved_gpu_hours,
+        "remaining_gpu_hours": snap.remaining_gpu_hours,
+        "active": snap.active,
+        "month_resets_at": iso_utc(snap.month_resets_at),
     }
 
 

@@ -23,7 +23,6 @@ from iiq.db.types import Connection
 from iiq.errors import NotFoundError
 from iiq.experiments import idempotency, lifecycle, templates
 from iiq.experiments.create import create_experiment
-from iiq.experiments.quota import utc_now
 from iiq.experiments.states import Status
 from iiq.orgs import Principal
 from iiq.runtime import Runtime
@@ -119,7 +118,6 @@ class ExperimentController(Controller):
                 target=data.target,
                 input_config=data.input_config,
                 goal=data.goal,
-                now=utc_now(),
             )
 
         body = msgspec.to_builtins(data)
@@ -153,7 +151,6 @@ class ExperimentController(Controller):
                 target=_or_empty(overrides.target),
                 input_config=_or_empty(overrides.input_config),
                 goal=overrides.goal,
-                now=utc_now(),
             )
 
         route = f"POST /experiments/from-template/{template_id}"

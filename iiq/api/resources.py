@@ -23,7 +23,7 @@ from iiq.runtime import Runtime
 
 @get("/quota", responses=READ_RESPONSES, tags=["quota"], summary="The caller's org quota")
 async def read_quota(principal: NamedDependency[Principal], conn: NamedDependency[Connection]) -> Quota:
-    snap = await quota.snapshot(conn, principal.org_id, quota.utc_now())
+    snap = await quota.snapshot(conn, principal.org_id)
     return Quota(
         monthly_gpu_hours=snap.monthly_gpu_hours,
         used_gpu_hours=snap.used_gpu_hours,

@@ -107,10 +107,14 @@ async def create_experiment(
     target: dict[str, Any],
     input_config: dict[str, Any],
     goal: str | None,
-    now: datetime,
+    now: datetime | None = None,
     template_id: uuid.UUID | None = None,
 ) -> asyncpg.Record:
-    """Create and queue an experiment; `template_id` records the template it was made from."""
+    """Create and queue an experiment; `template_id` records the template it was made from.
+
+    The quota's month is that of `now`, or of the database's clock when `now` is None (as in
+    production, so that every process agrees on when a month ends).
+    """
     handler = get_handler(tool_id)
     if handler is None:
         raise UnknownToolError(tool_id, [h.tool_id for h in all_handlers()])
@@ -133,7 +137,6 @@ async def create_experiment(
         template_id,
         config_hash(tool_id, target, input_config, goal),
         now,
-        quota.next_month_start(now),
         EXPERIMENTS_QUEUE,
         RUN_TASK,
         {"experiment_id": str(experiment_id)},

@@ -21,7 +21,7 @@ import asyncpg
 from iiq.db.queries import query
 from iiq.db.types import Connection
 from iiq.errors import ConflictError, InvalidTransitionError, NotFoundError
-from iiq.experiments import metrics, quota
+from iiq.experiments import metrics
 from iiq.experiments.events import EventBus, StoredEvent, append_event
 from iiq.experiments.states import STATUS_EVENT, Status
 
@@ -79,9 +79,12 @@ async def mark_completed(
     experiment_id: uuid.UUID,
     summary: Mapping[str, Any],
     actual_gpu_hours: float,
-    now: datetime,
+    now: datetime | None = None,
 ) -> asyncpg.Record:
-    """Complete a running experiment, charging `actual_gpu_hours` to the month current at `now`."""
+    """Complete a running experiment, charging `actual_gpu_hours` to the month current at `now`.
+
+    `now` None means the database's clock, which production uses so that all processes agree.
+    """
     summary = dict(summary)
     payload = {"status": Status.COMPLETED.value, "results_summary": summary, "actual_gpu_hours": actual_gpu_hours}
     return await _transition(
@@ -89,12 +92,13 @@ async def mark_completed(
         bus,
         experiment_id,
         Status.COMPLETED,
-        "mark_completed",
+        "finish_running",
+        Status.COMPLETED.value,
         summary,
+        None,
         actual_gpu_hours,
         payload,
         now,
-        quota.next_month_start(now),
         payload=payload,
     )
 
@@ -106,9 +110,9 @@ async def mark_ended(
     status: Status,
     error_message: str,
     actual_gpu_hours: float,
-    now: datetime,
+    now: datetime | None = None,
 ) -> asyncpg.Record:
-    """End a running experiment as failed, cancelled or timed_out, charging its GPU-hours."""
+    """End a running experiment as failed, cancelled or timed_out, charging its GPU-hours (see mark_completed)."""
     if status not in (Status.FAILED, Status.CANCELLED, Status.TIMED_OUT):
         raise ValueError(f"mark_ended cannot end an experiment as {status}")
     payload = {"status": status.value, "error_message": error_message, "actual_gpu_hours": actual_gpu_hours}
@@ -117,13 +121,13 @@ async def mark_ended(
         bus,
         experiment_id,
         status,
-        "mark_ended",
+        "finish_running",
         status.value,
+        None,
         error_message,
         actual_gpu_hours,
         payload,
         now,
-        quota.next_month_start(now),
         payload=payload,
     )
 
@@ -145,7 +149,6 @@ async def cancel(conn: Connection, bus: EventBus, experiment_id: uuid.UUID, remo
 
     if status in (Status.PENDING, Status.QUEUED):
         # `lock_experiment` locked the row and read a pending or queued status, so this UPDATE matches it.
-        now = quota.utc_now()
         payload = {"status": Status.CANCELLED.value, "error_message": CANCELLED_BEFORE_START, "actual_gpu_hours": 0.0}
         row = await _transition(
             conn,
@@ -155,8 +158,7 @@ async def cancel(conn: Connection, bus: EventBus, experiment_id: uuid.UUID, remo
             "cancel_not_started",
             CANCELLED_BEFORE_START,
             payload,
-            now,
-            quota.next_month_start(now),
+            None,
             payload=payload,
         )
         if row["job_id"] is not None:

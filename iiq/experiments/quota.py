@@ -63,11 +63,13 @@ async def insert_quota(
     await conn.execute(query("insert_quota"), org_id, monthly_gpu_hours, max_concurrent, next_month_start(now))
 
 
-async def snapshot(conn: Connection, org_id: uuid.UUID, now: datetime) -> QuotaSnapshot:
-    """Read the org's quota as of `now`, showing a monthly reset that is due but not yet written."""
+async def snapshot(conn: Connection, org_id: uuid.UUID, now: datetime | None = None) -> QuotaSnapshot:
+    """Read the org's quota as of `now` (None: the database's clock), showing a due monthly reset."""
     row = await conn.fetchrow(query("read_quota"), org_id)
     if row is None:
         raise NotFoundError("quota of org", org_id)
+    if now is None:
+        now = row["db_now"]
     used, resets_at = row["used_gpu_hours"], row["month_resets_at"]
     if now >= resets_at:
         used, resets_at = 0.0, next_month_start(now)

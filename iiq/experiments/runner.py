@@ -14,8 +14,7 @@ import math
 import os
 import socket
 import uuid
-from collections.abc import Callable, Mapping
-from datetime import datetime
+from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
@@ -26,7 +25,6 @@ from iiq.errors import EventTooLargeError, InvalidTransitionError
 from iiq.experiments import lifecycle, metrics, run_events
 from iiq.experiments.context import ExperimentContext
 from iiq.experiments.events import EventBus, append_event, encoded_size
-from iiq.experiments.quota import utc_now
 from iiq.experiments.registry import get_handler
 from iiq.experiments.run_events import RunEvents
 from iiq.experiments.states import Status
@@ -54,12 +52,10 @@ class _RunBackend:
         events: RunEvents,
         row: asyncpg.Record,
         settings: Settings,
-        clock: Callable[[], datetime],
     ) -> None:
         self._db = db
         self.events = events
         self._settings = settings
-        self._clock = clock
         self.experiment_id: uuid.UUID = row["id"]
         self.gpu_count: int = row["gpu_count"]
         self.started = asyncio.get_running_loop().time()
@@ -113,7 +109,7 @@ class _RunBackend:
                 "summary small and put full reports in an artifact (ctx.artifact_path), referenced by URL"
             )
         async with self.events.transaction() as (conn, bus):
-            await lifecycle.mark_completed(conn, bus, self.experiment_id, summary, self.gpu_hours(), self._clock())
+            await lifecycle.mark_completed(conn, bus, self.experiment_id, summary, self.gpu_hours())
         self.completed = True
         self.ended = True
 
@@ -125,7 +121,6 @@ async def run_experiment(
     *,
     settings: Settings | None = None,
     collaborators: Mapping[str, Any] | None = None,
-    clock: Callable[[], datetime] = utc_now,
 ) -> Status:
     """Run experiment `experiment_id` to a terminal state and return that state.
 
@@ -137,7 +132,7 @@ async def run_experiment(
     # Watched from before the start, so no cancel request can fall between the start and the watch.
     events.watch()
     try:
-        return await _run(db, events, experiment_id, settings, collaborators, clock)
+        return await _run(db, events, experiment_id, settings, collaborators)
     finally:
         events.close()
 
@@ -148,7 +143,6 @@ async def _run(
     experiment_id: uuid.UUID,
     settings: Settings,
     collaborators: Mapping[str, Any] | None,
-    clock: Callable[[], datetime],
 ) -> Status:
     log_fields: dict[str, Any] = {"experiment_id": str(experiment_id)}
 
@@ -166,7 +160,7 @@ async def _run(
         metrics.experiment_queue_wait_seconds.labels(tool_id).observe(max(0.0, wait))
     logger.info("experiment started", extra=log_fields)
 
-    backend = _RunBackend(db, events, row, settings, clock)
+    backend = _RunBackend(db, events, row, settings)
     handler = get_handler(tool_id)
     if handler is None:
         status, message = (
@@ -200,12 +194,12 @@ async def _run(
                 ending, message = Status.CANCELLED, "cancelled on request"
             else:
                 ending, message = Status.FAILED, "worker shut down before the run finished; submit the experiment again"
-            await asyncio.shield(_finish(backend, ending, message, clock, tool_id, log_fields))
+            await asyncio.shield(_finish(backend, ending, message, tool_id, log_fields))
             raise
         finally:
             handler_tasks.pop(task, None)
 
-    return await _finish(backend, status, message, clock, tool_id, log_fields)
+    return await _finish(backend, status, message, tool_id, log_fields)
 
 
 async def _supervise(
@@ -273,7 +267,6 @@ async def _finish(
     backend: _RunBackend,
     status: Status,
     message: str,
-    clock: Callable[[], datetime],
     tool_id: str,
     log_fields: dict[str, Any],
 ) -> Status:
@@ -282,9 +275,7 @@ async def _finish(
     if status is not Status.COMPLETED:
         try:
             async with backend.events.transaction() as (conn, bus):
-                await lifecycle.mark_ended(
-                    conn, bus, backend.experiment_id, status, message, backend.gpu_hours(), clock()
-                )
+                await lifecycle.mark_ended(conn, bus, backend.experiment_id, status, message, backend.gpu_hours())
         except InvalidTransitionError as exc:
             # Another terminal write won (results saved at the last moment, or recovery).
             logger.info("terminal state already written", extra={**log_fields, "status": exc.current})

@@ -165,7 +165,7 @@ async def create_from_template(
     target: dict[str, Any],
     input_config: dict[str, Any],
     goal: str | None | msgspec.UnsetType,
-    now: datetime,
+    now: datetime | None = None,
 ) -> asyncpg.Record:
     """Create an experiment from the template with `target` and `input_config` deep-merged over
     the template's; `goal` replaces the template's goal unless it is UNSET."""

@@ -23,7 +23,6 @@ from iiq.db.tx import service_transaction
 from iiq.errors import InvalidTransitionError
 from iiq.experiments import lifecycle, metrics
 from iiq.experiments.events import EventBus
-from iiq.experiments.quota import utc_now
 from iiq.experiments.states import Status
 
 logger = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ async def _end_lost_run(pool: asyncpg.Pool, bus: EventBus, experiment_id: uuid.U
             "the run was stopped and its GPU-hours up to now were charged"
         )
         try:
-            await lifecycle.mark_ended(conn, bus, experiment_id, Status.FAILED, message, gpu_hours, utc_now())
+            await lifecycle.mark_ended(conn, bus, experiment_id, Status.FAILED, message, gpu_hours)
         except InvalidTransitionError:
             return False
         if row["job_id"] is not None:

@@ -23,6 +23,11 @@ FROM (
 ) c
 WHERE q.org_id = c.org_id;
 
+-- The first instant of the month after `ts`'s month, in UTC: when a monthly budget resets.
+CREATE FUNCTION iiq.next_month_start(ts timestamptz) RETURNS timestamptz
+    LANGUAGE sql IMMUTABLE
+    AS $$ SELECT (date_trunc('month', ts AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC' $$;
+
 -- True when quota row `q` has room at `as_of` for one more experiment estimated at `estimate`
 -- GPU-hours: under the concurrency cap, and within the month's budget after the monthly reset
 -- if it is due. The 1e-9 lets float sums such as 0.1 + 0.2 fill a budget exactly. Experiments
@@ -38,24 +43,27 @@ CREATE FUNCTION iiq.quota_has_room(q iiq.experiment_quota, estimate double preci
 $$;
 
 -- Releases one in-flight experiment of `for_org`: one fewer active, `estimate` GPU-hours less
--- reserved, `charged` GPU-hours more used in the month current at `as_of` (after the monthly
--- reset, when it is due at `as_of`; `next_reset` is the start of the month after `as_of`). Floats
--- summed and subtracted can drift, so the reservation is exactly 0 once nothing is in flight.
+-- reserved, `charged` GPU-hours more used in the month current at `as_of` (NULL: the database's
+-- now()), after the monthly reset when it is due. Floats summed and subtracted can drift, so
+-- the reservation is exactly 0 once nothing is in flight.
 CREATE FUNCTION iiq.release_quota(
-    for_org uuid, estimate double precision, charged double precision, as_of timestamptz, next_reset timestamptz
+    for_org uuid, estimate double precision, charged double precision, as_of timestamptz
 ) RETURNS integer
     LANGUAGE sql VOLATILE
     AS $$
     UPDATE iiq.experiment_quota
     SET active = active - 1,
         reserved_gpu_hours = CASE WHEN active <= 1 THEN 0 ELSE greatest(0, reserved_gpu_hours - estimate) END,
-        used_gpu_hours = CASE WHEN as_of >= month_resets_at THEN 0 ELSE used_gpu_hours END + greatest(charged, 0),
-        month_resets_at = CASE WHEN as_of >= month_resets_at THEN next_reset ELSE month_resets_at END,
+        used_gpu_hours = CASE WHEN coalesce(as_of, now()) >= month_resets_at THEN 0 ELSE used_gpu_hours END
+                         + greatest(charged, 0),
+        month_resets_at = CASE WHEN coalesce(as_of, now()) >= month_resets_at
+                               THEN iiq.next_month_start(coalesce(as_of, now())) ELSE month_resets_at END,
         updated_at = now()
     WHERE org_id = for_org
     RETURNING active;
 $$;
 
+GRANT EXECUTE ON FUNCTION iiq.next_month_start(timestamptz) TO iiq_service;
 GRANT EXECUTE ON FUNCTION iiq.quota_has_room(iiq.experiment_quota, double precision, timestamptz) TO iiq_service;
-GRANT EXECUTE ON FUNCTION iiq.release_quota(uuid, double precision, double precision, timestamptz, timestamptz)
+GRANT EXECUTE ON FUNCTION iiq.release_quota(uuid, double precision, double precision, timestamptz)
     TO iiq_service;

@@ -1,27 +1,31 @@
 -- name: create_experiment
 -- Creates a queued experiment in one statement, or nothing when its org's quota has no room:
 -- 1. admits it: counts one more in-flight experiment reserving $7 GPU-hours on the org's quota
---    row, applying the monthly reset first when it is due at $13 ($14: the next reset). After
+--    row, applying the monthly reset first when it is due at $13 (NULL: the database's now()). After
 --    waiting for a concurrent writer of that row, the UPDATE re-checks its WHERE clause on the
 --    new row version, so concurrent creates of one org cannot overshoot a limit. The row stays
 --    locked until the commit, which follows this statement;
--- 2. defers its job with procrastinate's own function ($15: queue, $16: task, $17: arguments),
+-- 2. defers its job with procrastinate's own function ($14: queue, $15: task, $16: arguments),
 --    the one procrastinate's `defer_jobs` query calls;
 -- 3. inserts it as queued, with its `pending` and `queued` status events (seq 1 and 2). Nothing
 --    outside this transaction can see it before both events are stored.
 -- Returns the experiment's row plus queued_event_created_at; no row on refusal.
-WITH admitted AS (
+WITH clock AS (
+    SELECT coalesce($13::timestamptz, now()) AS as_of
+), admitted AS (
     UPDATE iiq.experiment_quota
-    SET used_gpu_hours = CASE WHEN $13::timestamptz >= month_resets_at THEN 0 ELSE used_gpu_hours END,
-        month_resets_at = CASE WHEN $13::timestamptz >= month_resets_at THEN $14::timestamptz ELSE month_resets_at END,
+    SET used_gpu_hours = CASE WHEN clock.as_of >= month_resets_at THEN 0 ELSE used_gpu_hours END,
+        month_resets_at = CASE WHEN clock.as_of >= month_resets_at
+                               THEN iiq.next_month_start(clock.as_of) ELSE month_resets_at END,
         active = active + 1,
         reserved_gpu_hours = reserved_gpu_hours + $7::float8,
         updated_at = now()
-    WHERE org_id = $2 AND iiq.quota_has_room(experiment_quota, $7::float8, $13::timestamptz)
+    FROM clock
+    WHERE org_id = $2 AND iiq.quota_has_room(experiment_quota, $7::float8, clock.as_of)
     RETURNING org_id
 ), job AS (
     SELECT (procrastinate_defer_jobs_v1(ARRAY[
-        ROW($15::varchar, $16::varchar, 0, NULL, NULL, $17::jsonb, NULL)::procrastinate_job_to_defer_v1
+        ROW($14::varchar, $15::varchar, 0, NULL, NULL, $16::jsonb, NULL)::procrastinate_job_to_defer_v1
     ]))[1] AS id
     FROM admitted
 ), experiment AS (
@@ -58,9 +62,9 @@ ORDER BY created_at DESC, id DESC
 LIMIT $5;
 
 -- Each transition below is one statement: the guarded UPDATE of the experiment, its status
--- event numbered in that same UPDATE, and for transitions out of pending, queued or running, the
--- release of its quota share (iiq.release_quota). Each returns the experiment's row plus event_seq and
--- event_created_at; no row when the guard did not match.
+-- event numbered in that same UPDATE, and for transitions out of pending, queued or running,
+-- the release of its quota share (iiq.release_quota). Each returns the experiment's row plus
+-- event_seq and event_created_at, or no row when the guard did not match.
 
 -- name: mark_running
 -- $2: the status event's payload.
@@ -76,45 +80,28 @@ WITH moved AS (
 )
 SELECT moved.*, event.seq AS event_seq, event.created_at AS event_created_at FROM moved, event;
 
--- name: mark_completed
--- $2: results summary; $3: actual GPU-hours of the run, charged to the month current at $5
--- ($6: the next monthly reset); $4: the status event's payload.
+-- name: finish_running
+-- Ends a running experiment as $2 (completed, failed, cancelled or timed_out), with results
+-- summary $3 (completed) or error message $4 (the others); $5: actual GPU-hours of the run,
+-- charged to the month current at $7 (NULL: the database's now()); $6: the status event's payload.
 WITH moved AS (
     UPDATE iiq.experiments
-    SET status = 'completed', results_summary = $2, actual_gpu_hours = $3, finished_at = now(),
+    SET status = $2, results_summary = $3, error_message = $4, actual_gpu_hours = $5, finished_at = now(),
         last_event_seq = last_event_seq + 1
     WHERE id = $1 AND status = 'running'
     RETURNING *
 ), event AS (
     INSERT INTO iiq.experiment_events (org_id, experiment_id, seq, event_type, stage, payload)
-    SELECT org_id, id, last_event_seq, 'status', status, $4::jsonb FROM moved
+    SELECT org_id, id, last_event_seq, 'status', status, $6::jsonb FROM moved
     RETURNING seq, created_at
 ), released AS (
-    SELECT iiq.release_quota(org_id, estimated_gpu_hours, $3::float8, $5::timestamptz, $6::timestamptz) FROM moved
-)
-SELECT moved.*, event.seq AS event_seq, event.created_at AS event_created_at FROM moved, event, released;
-
--- name: mark_ended
--- Ends a running experiment as $2 (failed, cancelled or timed_out) with error message $3;
--- $4: actual GPU-hours, charged as in mark_completed ($6, $7); $5: the status event's payload.
-WITH moved AS (
-    UPDATE iiq.experiments
-    SET status = $2, error_message = $3, actual_gpu_hours = $4, finished_at = now(),
-        last_event_seq = last_event_seq + 1
-    WHERE id = $1 AND status = 'running'
-    RETURNING *
-), event AS (
-    INSERT INTO iiq.experiment_events (org_id, experiment_id, seq, event_type, stage, payload)
-    SELECT org_id, id, last_event_seq, 'status', status, $5::jsonb FROM moved
-    RETURNING seq, created_at
-), released AS (
-    SELECT iiq.release_quota(org_id, estimated_gpu_hours, $4::float8, $6::timestamptz, $7::timestamptz) FROM moved
+    SELECT iiq.release_quota(org_id, estimated_gpu_hours, $5::float8, $7::timestamptz) FROM moved
 )
 SELECT moved.*, event.seq AS event_seq, event.created_at AS event_created_at FROM moved, event, released;
 
 -- name: cancel_not_started
--- $2: the error message; $3: the status event's payload; nothing is charged ($4, $5 as in
--- mark_completed).
+-- $2: the error message; $3: the status event's payload; nothing is charged ($4 as $7 in
+-- finish_running).
 WITH moved AS (
     UPDATE iiq.experiments
     SET status = 'cancelled', cancel_requested_at = coalesce(cancel_requested_at, now()),
@@ -127,7 +114,7 @@ WITH moved AS (
     SELECT org_id, id, last_event_seq, 'status', status, $3::jsonb FROM moved
     RETURNING seq, created_at
 ), released AS (
-    SELECT iiq.release_quota(org_id, estimated_gpu_hours, 0::float8, $4::timestamptz, $5::timestamptz) FROM moved
+    SELECT iiq.release_quota(org_id, estimated_gpu_hours, 0::float8, $4::timestamptz) FROM moved
 )
 SELECT moved.*, event.seq AS event_seq, event.created_at AS event_created_at FROM moved, event, released;
 

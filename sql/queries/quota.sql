@@ -4,7 +4,8 @@ VALUES ($1, $2, $3, $4)
 ON CONFLICT (org_id) DO NOTHING;
 
 -- name: read_quota
-SELECT * FROM iiq.experiment_quota WHERE org_id = $1;
+-- db_now: the database's clock, which decides when a month ends.
+SELECT *, now() AS db_now FROM iiq.experiment_quota WHERE org_id = $1;
 
 -- name: update_quota_limits
 UPDATE iiq.experiment_quota

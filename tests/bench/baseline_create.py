@@ -21,7 +21,6 @@ import json
 import sys
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,6 @@ from iiq.db.pool import service_server_settings
 from iiq.db.queries import query
 from iiq.db.tx import scoped_transaction
 from iiq.experiments.create import config_hash
-from iiq.experiments.quota import next_month_start
 from iiq.orgs import hash_key
 from iiq.queue.codecs import init_connection
 from iiq.queue.names import EXPERIMENTS_QUEUE, RUN_TASK
@@ -70,7 +68,6 @@ class Loop:
         org_id = found["org_id"]
         experiment_id = uuid.uuid4()
         async with scoped_transaction(self.conn, org_id):
-            now = datetime.now(UTC)
             _one(
                 await self.s["create_experiment"].fetchrow(
                     experiment_id,
@@ -85,8 +82,7 @@ class Loop:
                     f"api_key:{found['id']}",
                     None,
                     config_hash(tool_id, target, {}, None),
-                    now,
-                    next_month_start(now),
+                    None,
                     EXPERIMENTS_QUEUE,
                     RUN_TASK,
                     {"experiment_id": str(experiment_id)},

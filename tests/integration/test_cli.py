@@ -271,6 +271,8 @@ async def test_quota_set_max_concurrent(database_url: str, server: Server) -> No
     assert result["max_concurrent"] == 3
     assert response.status_code == 200, response.text
     assert response.json()["max_concurrent"] == 3
+    # The command prints what GET /quota shows, in-flight numbers included.
+    assert {name: result[name] for name in response.json()} == response.json()
 
 
 async def test_quota_set_monthly_hours(database_url: str, server: Server) -> None:

@@ -352,11 +352,56 @@ async def _step_then_roll_back(
             )
         else:
             # What a terminal transition does for a run of estimate 0.25 that used 0.5 GPU-hours.
-            await conn.execute(
-                "SELECT iiq.release_quota($1, 0.25, 0.5, $2, $3)", tenant.org_id, now, quota.next_month_start(now)
-            )
+            await conn.execute("SELECT iiq.release_quota($1, 0.25, 0.5, $2)", tenant.org_id, now)
         row = await conn.fetchrow("SELECT * FROM iiq.experiment_quota WHERE org_id = $1", tenant.org_id)
         raise _RolledBack(row)
+
+
+@pytest.mark.parametrize(("resets_at", "now", "resets", "next_reset"), ROLLOVER_CASES)
+async def test_sql_next_month_start_matches_python(
+    server: Server, resets_at: datetime, now: datetime, resets: bool, next_reset: datetime
+) -> None:
+    async with server.runtime.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL TIME ZONE 'Pacific/Kiritimati'")
+        value = await conn.fetchval("SELECT iiq.next_month_start($1)", now)
+
+    assert value == quota.next_month_start(now)
+
+
+@pytest.mark.parametrize("step", ["admit", "release"])
+async def test_month_follows_database_clock(server: Server, tenant: Tenant, step: str) -> None:
+    """With no `now` given, as in production, the database's clock decides that the month ended."""
+    principal = Principal(org_id=tenant.org_id, key_id=tenant.key_id, key_name="test")
+    async with server.runtime.pool.acquire() as conn:
+        with pytest.raises(_RolledBack) as rolled_back:
+            async with conn.transaction():
+                await conn.execute("SELECT set_config('app.rls_bypass', 'true', true)")
+                db_now = await conn.fetchval(
+                    "UPDATE iiq.experiment_quota SET used_gpu_hours = 7, active = 1, reserved_gpu_hours = 0.25, "
+                    "month_resets_at = now() - interval '1 second' WHERE org_id = $1 RETURNING now()",
+                    tenant.org_id,
+                )
+                if step == "admit":
+                    body = _body(cost=0.5)
+                    await create_experiment(
+                        conn,
+                        RecordingBus(),
+                        server.settings,
+                        principal,
+                        tool_id=body["tool_id"],
+                        target=body["target"],
+                        input_config=body["input_config"],
+                        goal=None,
+                    )
+                else:
+                    await conn.execute("SELECT iiq.release_quota($1, 0.25, 0.5, NULL)", tenant.org_id)
+                raise _RolledBack(
+                    await conn.fetchrow("SELECT * FROM iiq.experiment_quota WHERE org_id = $1", tenant.org_id)
+                )
+    row = rolled_back.value.row
+
+    assert row["used_gpu_hours"] == (0 if step == "admit" else 0.5)
+    assert row["month_resets_at"] == quota.next_month_start(db_now)
 
 
 def test_next_month_start_ignores_process_zone() -> None:
