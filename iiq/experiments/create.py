@@ -145,8 +145,8 @@ async def create_experiment(
         row = await conn.fetchrow(query("create_experiment"), *args)
         if row is not None:
             break
-        # Refused. Read the numbers for the error; they can show room again when an experiment
-        # of the org ended between the two statements, and then the create is simply tried again.
+        # Refused: read the numbers for the error. When an experiment of the org ended between
+        # the two statements, they show room again, so the create is tried again.
         refused = quota.refusal(await quota.snapshot(conn, principal.org_id, now), estimate)
         if refused is not None:
             metrics.experiment_quota_rejections_total.labels(refused.reason).inc()
