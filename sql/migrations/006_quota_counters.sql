@@ -49,18 +49,24 @@ $$;
 CREATE FUNCTION iiq.release_quota(
     for_org uuid, estimate double precision, charged double precision, as_of timestamptz
 ) RETURNS integer
-    LANGUAGE sql VOLATILE
+    -- PL/pgSQL keeps the UPDATE's plan for the session; a SQL function would plan it per call.
+    LANGUAGE plpgsql VOLATILE
     AS $$
+DECLARE
+    at_time timestamptz := coalesce(as_of, now());
+    left_active integer;
+BEGIN
     UPDATE iiq.experiment_quota
     SET active = active - 1,
         reserved_gpu_hours = CASE WHEN active <= 1 THEN 0 ELSE greatest(0, reserved_gpu_hours - estimate) END,
-        used_gpu_hours = CASE WHEN coalesce(as_of, now()) >= month_resets_at THEN 0 ELSE used_gpu_hours END
-                         + greatest(charged, 0),
-        month_resets_at = CASE WHEN coalesce(as_of, now()) >= month_resets_at
-                               THEN iiq.next_month_start(coalesce(as_of, now())) ELSE month_resets_at END,
+        used_gpu_hours = CASE WHEN at_time >= month_resets_at THEN 0 ELSE used_gpu_hours END + greatest(charged, 0),
+        month_resets_at = CASE WHEN at_time >= month_resets_at
+                               THEN iiq.next_month_start(at_time) ELSE month_resets_at END,
         updated_at = now()
     WHERE org_id = for_org
-    RETURNING active;
+    RETURNING active INTO left_active;
+    RETURN left_active;
+END
 $$;
 
 GRANT EXECUTE ON FUNCTION iiq.next_month_start(timestamptz) TO iiq_service;
