@@ -129,6 +129,14 @@ async def _stream(server: Server, tenant: Tenant, experiment_id: uuid.UUID) -> A
         await asyncio.gather(task, return_exceptions=True)
 
 
+async def _wait_for_wakes(wakes: list[int], count: int) -> None:
+    """Wait up to 2 s for the feed to have woken its streams `count` times."""
+    for _ in range(200):
+        if len(wakes) >= count:
+            return
+        await asyncio.sleep(0.01)
+
+
 def _ids(messages: list[Message]) -> list[int]:
     return [int(message.id or 0) for message in messages]
 
@@ -235,10 +243,7 @@ async def test_gap_reads_table_and_held_notification_reads_nothing(server: Serve
 
     # The fourth event is missing: the fifth starts a read, which returns both.
     feed.offer(fifth, wake)
-    for _ in range(200):
-        if len(wakes) == 2:
-            break
-        await asyncio.sleep(0.01)
+    await _wait_for_wakes(wakes, 2)
     held = feed.events_after(2)
     assert held is not None
     assert [event.seq for event in held] == [3, 4, 5]
@@ -279,10 +284,7 @@ async def test_notification_before_hand_off_reads_nothing(server: Server, tenant
     feed.expect(fourth.seq)
     feed.announce(fourth.seq, wake)
     feed.abandon(fourth.seq, wake)
-    for _ in range(200):
-        if len(wakes) == 2:
-            break
-        await asyncio.sleep(0.01)
+    await _wait_for_wakes(wakes, 2)
     held = feed.events_after(2)
     assert held is not None
     assert [event.seq for event in held] == [3, 4]

@@ -313,6 +313,24 @@ async def test_month_rollover(
     assert row["month_resets_at"] == next_reset
 
 
+async def _create_costing_half(
+    conn: asyncpg.Connection, server: Server, principal: Principal, now: datetime | None
+) -> None:
+    """Create an experiment estimated at 0.5 GPU-hours at `now` (None: the database's clock)."""
+    body = _body(cost=0.5)
+    await create_experiment(
+        conn,
+        RecordingBus(),
+        server.settings,
+        principal,
+        tool_id=body["tool_id"],
+        target=body["target"],
+        input_config=body["input_config"],
+        goal=None,
+        now=now,
+    )
+
+
 class _RolledBack(Exception):
     def __init__(self, row: asyncpg.Record) -> None:
         self.row = row
@@ -338,18 +356,7 @@ async def _step_then_roll_back(
             resets_at,
         )
         if step == "admit":
-            body = _body(cost=0.5)
-            await create_experiment(
-                conn,
-                RecordingBus(),
-                server.settings,
-                principal,
-                tool_id=body["tool_id"],
-                target=body["target"],
-                input_config=body["input_config"],
-                goal=None,
-                now=now,
-            )
+            await _create_costing_half(conn, server, principal, now)
         else:
             # What a terminal transition does for a run of estimate 0.25 that used 0.5 GPU-hours.
             await conn.execute("SELECT iiq.release_quota($1, 0.25, 0.5, $2)", tenant.org_id, now)
@@ -382,17 +389,7 @@ async def test_month_follows_database_clock(server: Server, tenant: Tenant, step
                     tenant.org_id,
                 )
                 if step == "admit":
-                    body = _body(cost=0.5)
-                    await create_experiment(
-                        conn,
-                        RecordingBus(),
-                        server.settings,
-                        principal,
-                        tool_id=body["tool_id"],
-                        target=body["target"],
-                        input_config=body["input_config"],
-                        goal=None,
-                    )
+                    await _create_costing_half(conn, server, principal, None)
                 else:
                     await conn.execute("SELECT iiq.release_quota($1, 0.25, 0.5, NULL)", tenant.org_id)
                 raise _RolledBack(
