@@ -56,13 +56,16 @@ class RunEvents:
             self.watching = False
 
     def next_news(self) -> asyncio.Future[None]:
-        """Return a future that the next event of this run written by someone else resolves."""
+        """Return a future that news of this run resolves: at once when news came since `take_news`."""
         news: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._news_pending:
-            self._news_pending = False
             news.set_result(None)
         self._news = news
         return news
+
+    def take_news(self) -> None:
+        """Mark the news so far as seen: the caller reads the row next, which reflects it."""
+        self._news_pending = False
 
     def _on_notification(self, seq: int | None) -> None:
         if seq is not None and seq in self._own:
@@ -72,10 +75,11 @@ class RunEvents:
         self._announce_news()
 
     def _announce_news(self) -> None:
+        # Kept until `take_news`, so news that arrives while nobody waits (during the
+        # supervisor's read of the row, say) still wakes the next wait.
+        self._news_pending = True
         if self._news is not None and not self._news.done():
             self._news.set_result(None)
-        else:
-            self._news_pending = True
 
     def note_published(self, event: StoredEvent) -> None:
         """Record `event`, published by a transaction that has not committed yet."""

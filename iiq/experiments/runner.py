@@ -222,6 +222,8 @@ async def _supervise(
             await asyncio.wait(
                 {task, backend.events.next_news()}, timeout=max(0.0, wake - now), return_when=asyncio.FIRST_COMPLETED
             )
+            # Whatever woke it, the row is read next; news from here on wakes the next wait.
+            backend.events.take_news()
             if task.done():
                 break
             now = loop.time()
