@@ -24,6 +24,10 @@ async def set_bypass(conn: Connection) -> None:
     await conn.execute("SELECT set_config('app.rls_bypass', 'true', true)")
 
 
+class TransactionAbortedError(RuntimeError):
+    """Raised when COMMIT rolled back a transaction in which a statement had failed."""
+
+
 # BEGIN and the scope go to the server as one simple query: one round trip instead of two.
 _BEGIN_BYPASS = "BEGIN; SELECT set_config('app.rls_bypass', 'true', true)"
 _BEGIN_AS_ORG = "BEGIN; SELECT set_config('app.org_id', '{org_id}', true)"
@@ -49,7 +53,12 @@ async def scoped_transaction(conn: Connection, org_id: uuid.UUID | None) -> Asyn
     except BaseException:
         await _rollback(conn)
         raise
-    await conn.execute("COMMIT")
+    # After a failed statement whose error the block caught, Postgres answers COMMIT with
+    # ROLLBACK and no error: the caller must not take that for a commit.
+    if await conn.execute("COMMIT") != "COMMIT":
+        raise TransactionAbortedError(
+            "the transaction was rolled back at COMMIT because a statement in it had failed; nothing was stored"
+        )
 
 
 async def _rollback(conn: Connection) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from iiq.db.tx import org_transaction, scoped_transaction, service_transaction
+from iiq.db.tx import TransactionAbortedError, org_transaction, scoped_transaction, service_transaction
 from tests.conftest import Server, Tenant
 
 
@@ -77,3 +77,14 @@ async def test_refuses_an_org_id_that_is_not_a_uuid(server: Server) -> None:
             async with scoped_transaction(conn, "00000000-0000-0000-0000-000000000000'; DROP TABLE x; --"):  # type: ignore[arg-type]
                 pass
         assert not conn.is_in_transaction()
+
+
+async def test_caught_statement_error_fails_the_commit(server: Server, tenant: Tenant) -> None:
+    pool = server.runtime.pool
+    with pytest.raises(TransactionAbortedError, match="nothing was stored"):
+        async with org_transaction(pool, tenant.org_id) as conn:
+            await conn.execute("UPDATE iiq.orgs SET name = 'renamed' WHERE id = $1", tenant.org_id)
+            with pytest.raises(asyncpg.DivisionByZeroError):
+                await conn.execute("SELECT 1 / 0")
+
+    assert await _renamed_count(pool, tenant.org_id) == 0
