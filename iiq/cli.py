@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-concurrent", type=_positive_int, help="cap on pending, queued and running experiments"
     )
     quota_set.add_argument("--json", action="store_true", help="print one JSON object")
+    quota_recount = quota.add_parser(
+        "recount", help="recount in-flight experiments into the quota, after an upgrade left a count wrong"
+    )
+    quota_recount.add_argument("--org", type=_uuid, help="org id (default: every org)")
+    quota_recount.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 

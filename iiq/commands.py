@@ -7,16 +7,19 @@ import asyncio
 import logging
 import os
 import signal
+import uuid
 from typing import Any
 
+import asyncpg
 import msgspec
 import prometheus_client
 import uvicorn
 
 from iiq import orgs as org_store
 from iiq.db.pool import connect_admin
+from iiq.db.queries import query
 from iiq.db.tx import set_bypass
-from iiq.errors import ConfigurationError
+from iiq.errors import ConfigurationError, NotFoundError
 from iiq.experiments import quota as quota_store
 from iiq.experiments.registry import discover_tools
 from iiq.runtime import open_runtime, pending_migrations, resolve_dsn, run_migrations, run_worker, start_recovery
@@ -137,6 +140,8 @@ async def keys(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def quota(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    if args.action == "recount":
+        return await _recount_quota(settings, args.org)
     if args.monthly_gpu_hours is None and args.max_concurrent is None:
         raise SystemExit("iiq quota set: give --monthly-gpu-hours, --max-concurrent or both")
     conn = await _admin(settings)
@@ -157,6 +162,44 @@ async def quota(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         "active": snap.active,
         "month_resets_at": iso_utc(snap.month_resets_at),
     }
+
+
+# Tries of `iiq quota recount` when its table locks deadlock with the engine.
+_RECOUNT_ATTEMPTS = 3
+
+
+async def _recount_quota(settings: Settings, org_id: uuid.UUID | None) -> dict[str, Any]:
+    """Recount in-flight experiments into the quota rows, briefly holding up creates and endings."""
+    conn = await _admin(settings)
+    try:
+        for attempt in range(_RECOUNT_ATTEMPTS):
+            try:
+                async with conn.transaction():
+                    await set_bypass(conn)
+                    await conn.execute(query("lock_for_recount"))
+                    rows = await conn.fetch(query("recount_quota"), org_id)
+                break
+            except asyncpg.DeadlockDetectedError:
+                # Locking both tables can deadlock with a create or an ending that holds one of
+                # them; Postgres aborts one side, and the recount simply runs again.
+                if attempt == _RECOUNT_ATTEMPTS - 1:
+                    raise
+    finally:
+        await conn.close()
+    if org_id is not None and not rows:
+        raise NotFoundError("quota of org", org_id)
+    changed = [
+        {
+            "org_id": str(row["org_id"]),
+            "active_before": row["active_before"],
+            "active": row["active"],
+            "reserved_gpu_hours_before": row["reserved_before"],
+            "reserved_gpu_hours": row["reserved"],
+        }
+        for row in rows
+        if row["changed"]
+    ]
+    return {"orgs_checked": len(rows), "orgs_corrected": changed}
 
 
 async def demo(settings: Settings, args: argparse.Namespace) -> int | None:

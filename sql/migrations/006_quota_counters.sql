@@ -45,7 +45,9 @@ $$;
 -- Releases one in-flight experiment of `for_org`: one fewer active, `estimate` GPU-hours less
 -- reserved, `charged` GPU-hours more used in the month current at `as_of` (NULL: the database's
 -- now()), after the monthly reset when it is due. Floats summed and subtracted can drift, so
--- the reservation is exactly 0 once nothing is in flight.
+-- the reservation is exactly 0 once nothing is in flight. A count that is already 0 is wrong
+-- (an engine older than this migration created experiments): it stays 0, so that the run can
+-- still end, and a warning goes to the server log; `iiq quota recount` repairs the count.
 CREATE FUNCTION iiq.release_quota(
     for_org uuid, estimate double precision, charged double precision, as_of timestamptz
 ) RETURNS integer
@@ -54,18 +56,23 @@ CREATE FUNCTION iiq.release_quota(
     AS $$
 DECLARE
     at_time timestamptz := coalesce(as_of, now());
-    left_active integer;
+    counted integer;
 BEGIN
+    SELECT active INTO counted FROM iiq.experiment_quota WHERE org_id = for_org FOR UPDATE;
+    IF counted = 0 THEN
+        RAISE WARNING 'iiq: the in-flight count of org % was 0 while an experiment ended: run iiq quota recount',
+            for_org;
+    END IF;
     UPDATE iiq.experiment_quota
-    SET active = active - 1,
+    SET active = greatest(active - 1, 0),
         reserved_gpu_hours = CASE WHEN active <= 1 THEN 0 ELSE greatest(0, reserved_gpu_hours - estimate) END,
         used_gpu_hours = CASE WHEN at_time >= month_resets_at THEN 0 ELSE used_gpu_hours END + greatest(charged, 0),
         month_resets_at = CASE WHEN at_time >= month_resets_at
                                THEN iiq.next_month_start(at_time) ELSE month_resets_at END,
         updated_at = now()
     WHERE org_id = for_org
-    RETURNING active INTO left_active;
-    RETURN left_active;
+    RETURNING active INTO counted;
+    RETURN counted;
 END
 $$;
 

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from iiq.db.migrate import migration_files
+from iiq.db.pool import connect_admin
 from tests.conftest import Server, with_database
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -378,3 +379,84 @@ async def test_migrate_then_orgs_create(empty_database: str) -> None:
 
     assert migrated.returncode == 0, migrated.stderr
     assert uuid.UUID(org_id)
+
+
+async def test_quota_recount_repairs_wrong_counts(database_url: str, server: Server) -> None:
+    org_id = await create_org(database_url)
+    key = await create_key(database_url, org_id)
+    async with client_for(server, key["api_key"]) as client:
+        created = await client.post(
+            "/experiments",
+            json={
+                "tool_id": "test.sleep",
+                "target": {"model_id": "meta-llama/Llama-3.1-8B-Instruct", "hardware": "H100-SXM", "engine": "vllm"},
+                "input_config": {"steps": 600, "step_seconds": 0.1, "cost": 0.5},
+            },
+        )
+        assert created.status_code == 201, created.text
+        conn = await connect_admin(database_url)
+        try:
+            # What an engine older than migration 006 would leave: a count that misses a run.
+            await conn.execute(
+                "UPDATE iiq.experiment_quota SET active = 7, reserved_gpu_hours = 3 WHERE org_id = $1",
+                uuid.UUID(org_id),
+            )
+        finally:
+            await conn.close()
+
+        result = parse_json(await run_cli(database_url, "quota", "recount", "--org", org_id, "--json"))
+        again = parse_json(await run_cli(database_url, "quota", "recount", "--org", org_id, "--json"))
+        shown = (await client.get("/quota")).json()
+        await client.post(f"/experiments/{created.json()['id']}/cancel")
+
+    assert result["orgs_checked"] == 1
+    assert result["orgs_corrected"] == [
+        {
+            "org_id": org_id,
+            "active_before": 7,
+            "active": 1,
+            "reserved_gpu_hours_before": 3.0,
+            "reserved_gpu_hours": 0.5,
+        }
+    ]
+    assert again["orgs_corrected"] == []
+    assert (shown["active"], shown["reserved_gpu_hours"]) == (1, 0.5)
+
+
+async def test_quota_recount_unknown_org(database_url: str) -> None:
+    result = await run_cli(database_url, "quota", "recount", "--org", str(uuid.uuid4()))
+
+    assert result.returncode == 1
+    assert "not found" in result.stderr
+
+
+async def test_run_ends_when_count_is_too_low(database_url: str, server: Server) -> None:
+    org_id = await create_org(database_url)
+    key = await create_key(database_url, org_id)
+    async with client_for(server, key["api_key"]) as client:
+        created = await client.post(
+            "/experiments",
+            json={
+                "tool_id": "test.sleep",
+                "target": {"model_id": "meta-llama/Llama-3.1-8B-Instruct", "hardware": "H100-SXM", "engine": "vllm"},
+                "input_config": {"steps": 600, "step_seconds": 0.1},
+            },
+        )
+        conn = await connect_admin(database_url)
+        try:
+            await conn.execute("UPDATE iiq.experiment_quota SET active = 0 WHERE org_id = $1", uuid.UUID(org_id))
+        finally:
+            await conn.close()
+
+        experiment_url = f"/experiments/{created.json()['id']}"
+        cancelled = await client.post(f"{experiment_url}/cancel")
+        for _ in range(150):
+            status = (await client.get(experiment_url)).json()["status"]
+            if status == "cancelled":
+                break
+            await asyncio.sleep(0.1)
+        shown = (await client.get("/quota")).json()
+
+    assert cancelled.status_code == 200, cancelled.text
+    assert status == "cancelled"
+    assert shown["active"] == 0
