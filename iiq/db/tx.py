@@ -35,7 +35,7 @@ _BEGIN_AS_ORG = "BEGIN; SELECT set_config('app.org_id', '{org_id}', true)"
 
 @asynccontextmanager
 async def scoped_transaction(conn: Connection, org_id: uuid.UUID | None) -> AsyncIterator[Connection]:
-    """Run a transaction on `conn` that sees only `org_id`'s rows, or every row when `org_id` is None.
+    """Run a transaction on `conn` that shows only `org_id`'s rows, or every row when `org_id` is None.
 
     Committed when the block ends normally and rolled back when it raises. Code inside must
     not open `conn.transaction()`: asyncpg refuses it inside a transaction it did not begin.
@@ -53,8 +53,8 @@ async def scoped_transaction(conn: Connection, org_id: uuid.UUID | None) -> Asyn
     except BaseException:
         await _rollback(conn)
         raise
-    # After a failed statement whose error the block caught, Postgres answers COMMIT with
-    # ROLLBACK and no error: the caller must not take that for a commit.
+    # After a failed statement whose error the block caught, Postgres replies to COMMIT with
+    # ROLLBACK and raises no error, so the reply is checked here.
     if await conn.execute("COMMIT") != "COMMIT":
         raise TransactionAbortedError(
             "the transaction was rolled back at COMMIT because a statement in it had failed; nothing was stored"

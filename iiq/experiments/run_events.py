@@ -75,7 +75,7 @@ class RunEvents:
         self._announce_news()
 
     def _announce_news(self) -> None:
-        # Kept until `take_news`, so news that arrives while nobody waits (during the
+        # Kept until `take_news`, so news that arrives while no wait is pending (during the
         # supervisor's read of the row, say) still wakes the next wait.
         self._news_pending = True
         if self._news is not None and not self._news.done():

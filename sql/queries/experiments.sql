@@ -81,9 +81,10 @@ WITH moved AS (
 SELECT moved.*, event.seq AS event_seq, event.created_at AS event_created_at FROM moved, event;
 
 -- name: finish_running
--- Ends a running experiment as $2 (completed, failed, cancelled or timed_out), with results
--- summary $3 (completed) or error message $4 (the others); $5: actual GPU-hours of the run,
--- charged to the month current at $7 (NULL: the database's now()); $6: the status event's payload.
+-- Ends a running experiment as $2 (completed, failed, cancelled or timed_out). $3 is the results
+-- summary of a completed run and $4 the error message of the others. $5 is the run's actual
+-- GPU-hours, charged to the month current at $7 (NULL: the database's now()). $6 is the status
+-- event's payload.
 WITH moved AS (
     UPDATE iiq.experiments
     SET status = $2, results_summary = $3, error_message = $4, actual_gpu_hours = $5, finished_at = now(),

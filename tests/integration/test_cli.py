@@ -406,7 +406,7 @@ async def test_quota_recount_repairs_wrong_counts(database_url: str, server: Ser
 
         result = parse_json(await run_cli(database_url, "quota", "recount", "--org", org_id, "--json"))
         again = parse_json(await run_cli(database_url, "quota", "recount", "--org", org_id, "--json"))
-        shown = (await client.get("/quota")).json()
+        quota_view = (await client.get("/quota")).json()
         await client.post(f"/experiments/{created.json()['id']}/cancel")
 
     assert result["orgs_checked"] == 1
@@ -420,7 +420,7 @@ async def test_quota_recount_repairs_wrong_counts(database_url: str, server: Ser
         }
     ]
     assert again["orgs_corrected"] == []
-    assert (shown["active"], shown["reserved_gpu_hours"]) == (1, 0.5)
+    assert (quota_view["active"], quota_view["reserved_gpu_hours"]) == (1, 0.5)
 
 
 async def test_quota_recount_unknown_org(database_url: str) -> None:
@@ -455,8 +455,8 @@ async def test_run_ends_when_count_is_too_low(database_url: str, server: Server)
             if status == "cancelled":
                 break
             await asyncio.sleep(0.1)
-        shown = (await client.get("/quota")).json()
+        quota_view = (await client.get("/quota")).json()
 
     assert cancelled.status_code == 200, cancelled.text
     assert status == "cancelled"
-    assert shown["active"] == 0
+    assert quota_view["active"] == 0

@@ -154,7 +154,7 @@ async def test_handed_over_events_reach_stream_without_notification(
                     pool, experiment_id, PostgresEventBus(local=hub), settings=server.settings
                 )
 
-            # No notification was heard and nothing was read: the feed holds the run's events
+            # No notification was heard and nothing was read: the feed contains the run's events
             # (running, five progress events, completed) as soon as the run returns.
             held = subscription.feed.events_after(2)
             assert held is not None

@@ -48,7 +48,7 @@ async def test_rolls_back_after_a_failed_statement(server: Server, tenant: Tenan
     assert await _renamed_count(pool, tenant.org_id) == 0
 
 
-async def test_scope_is_the_org_and_ends_with_the_transaction(server: Server, tenant: Tenant) -> None:
+async def test_org_scope_ends_with_transaction(server: Server, tenant: Tenant) -> None:
     pool = server.runtime.pool
     async with pool.acquire() as conn:
         async with scoped_transaction(conn, tenant.org_id):
@@ -71,7 +71,7 @@ async def test_bypass_sees_every_org(server: Server, tenant_factory: Any) -> Non
     assert set(ids) == {a.org_id, b.org_id}
 
 
-async def test_refuses_an_org_id_that_is_not_a_uuid(server: Server) -> None:
+async def test_non_uuid_org_id_rejected(server: Server) -> None:
     async with server.runtime.pool.acquire() as conn:
         with pytest.raises(TypeError, match="uuid.UUID"):
             async with scoped_transaction(conn, "00000000-0000-0000-0000-000000000000'; DROP TABLE x; --"):  # type: ignore[arg-type]

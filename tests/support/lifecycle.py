@@ -54,7 +54,7 @@ async def create_unqueued(
             goal=goal,
             now=utc_now(),
         )
-        # Before the commit, so no worker ever sees the job.
+        # Deleted before the commit, so no worker can fetch the job.
         await conn.execute("DELETE FROM procrastinate.procrastinate_jobs WHERE id = $1", row["job_id"])
         await conn.execute("UPDATE iiq.experiments SET job_id = $2 WHERE id = $1", row["id"], NO_JOB)
     experiment_id: uuid.UUID = row["id"]

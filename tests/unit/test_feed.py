@@ -67,7 +67,7 @@ def test_feed_takes_events_in_order_without_reading() -> None:
     assert feed.events_after(5) is None  # before the window: the stream reads the table
 
 
-def test_feed_ignores_notification_and_hand_off_of_held_events() -> None:
+def test_feed_skips_events_it_contains() -> None:
     feed, wakes = _feed(), _Wakes()
     feed.offer(_event(3), wakes)
     feed.offer(_event(4), wakes)
