@@ -156,9 +156,9 @@ async def test_handed_over_events_reach_stream_without_notification(
 
             # No notification was heard and nothing was read: the feed contains the run's events
             # (running, five progress events, completed) as soon as the run returns.
-            held = subscription.feed.events_after(2)
-            assert held is not None
-            assert [(event.seq, event.stage) for event in held] == [
+            cached = subscription.feed.events_after(2)
+            assert cached is not None
+            assert [(event.seq, event.stage) for event in cached] == [
                 (3, "running"),
                 *((4 + index, f"event-{index}") for index in range(5)),
                 (9, "completed"),
@@ -206,9 +206,9 @@ async def test_rolled_back_event_never_reaches_feed(server: Server, tenant: Tena
         async with writer.transaction() as (conn, tx_bus):
             event = await append_event(conn, experiment_id, "note", "kept", {}, max_payload_bytes=1000)
             await tx_bus.publish(conn, event)
-        held = subscription.feed.events_after(2)
-        assert held is not None
-        assert [(event.seq, event.stage) for event in held] == [(3, "kept")]
+        cached = subscription.feed.events_after(2)
+        assert cached is not None
+        assert [(event.seq, event.stage) for event in cached] == [(3, "kept")]
     finally:
         subscription.close()
 
@@ -244,9 +244,9 @@ async def test_gap_reads_table_and_held_notification_reads_nothing(server: Serve
     # The fourth event is missing: the fifth starts a read, which returns both.
     feed.offer(fifth, wake)
     await _wait_for_wakes(wakes, 2)
-    held = feed.events_after(2)
-    assert held is not None
-    assert [event.seq for event in held] == [3, 4, 5]
+    cached = feed.events_after(2)
+    assert cached is not None
+    assert [event.seq for event in cached] == [3, 4, 5]
     assert counting.acquired == 1
 
     # Their notifications and a late hand-off of the fourth event change nothing.
@@ -285,9 +285,9 @@ async def test_notification_before_hand_off_reads_nothing(server: Server, tenant
     feed.announce(fourth.seq, wake)
     feed.abandon(fourth.seq, wake)
     await _wait_for_wakes(wakes, 2)
-    held = feed.events_after(2)
-    assert held is not None
-    assert [event.seq for event in held] == [3, 4]
+    cached = feed.events_after(2)
+    assert cached is not None
+    assert [event.seq for event in cached] == [3, 4]
     assert counting.acquired == 1
     feed.close()
 

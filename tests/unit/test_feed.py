@@ -98,10 +98,10 @@ def test_feed_copies_payload_of_handed_over_event() -> None:
     feed.offer(event, wakes)
     items.append("changed by the handler after its emit")
 
-    held = feed.events_after(0)
-    assert held is not None
+    cached = feed.events_after(0)
+    assert cached is not None
     # As the table returns it: JSON types, and NaN stored as null.
-    assert held[0].payload == {"items": ["first"], "pair": [1, 2], "ratio": None}
+    assert cached[0].payload == {"items": ["first"], "pair": [1, 2], "ratio": None}
 
 
 def test_feed_window_drops_oldest_events() -> None:
