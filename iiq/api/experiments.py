@@ -19,6 +19,7 @@ from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from iiq.api.responses import CREATE_RESPONSES, FROM_TEMPLATE_RESPONSES, IDEMPOTENCY_HEADERS, READ_RESPONSES
 from iiq.api.schemas import CreateExperiment, Experiment, ExperimentPage, TemplateOverrides
 from iiq.db.queries import query
+from iiq.db.tx import org_transaction
 from iiq.db.types import Connection
 from iiq.errors import NotFoundError
 from iiq.experiments import idempotency, lifecycle, templates
@@ -63,30 +64,42 @@ def _or_empty(override: dict[str, Any] | msgspec.UnsetType) -> dict[str, Any]:
 
 
 async def _create_with_key(
-    conn: Connection,
-    principal: Principal,
     runtime: Runtime,
+    principal: Principal,
     key: str | None,
     route: str,
     body: Any,
-    create: Callable[[], Awaitable[asyncpg.Record]],
+    create: Callable[[Connection], Awaitable[asyncpg.Record]],
+    *,
+    reads_first: bool,
 ) -> Response[Experiment]:
-    if key is None:
-        return Response(Experiment.from_row(await create()), status_code=201)
+    """Run `create`, at most once per Idempotency-Key; `reads_first` when it reads the org's rows before creating."""
+    if key is not None:
+        problem = idempotency.check_key(key)
+        if problem is not None:
+            raise ValidationException(problem)
+    elif not reads_first:
+        # Outside a transaction the create statement commits by itself, in one round trip, so
+        # the org's quota row is free again before the response is built.
+        async with runtime.pool.acquire() as conn:
+            row = await create(conn)
+        return Response(Experiment.from_row(row), status_code=201)
 
-    problem = idempotency.check_key(key)
-    if problem is not None:
-        raise ValidationException(problem)
-    outcome = await idempotency.create_once(
-        conn,
-        principal.org_id,
-        key,
-        idempotency.request_hash(route, body),
-        runtime.settings.idempotency_key_ttl_seconds,
-        create,
-    )
-    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
-    return Response(Experiment.from_row(outcome.row), status_code=201, headers=headers)
+    async with org_transaction(runtime.pool, principal.org_id) as conn:
+        if key is None:
+            row, headers = await create(conn), None
+        else:
+            outcome = await idempotency.create_once(
+                conn,
+                principal.org_id,
+                key,
+                idempotency.request_hash(route, body),
+                runtime.settings.idempotency_key_ttl_seconds,
+                lambda: create(conn),
+            )
+            row = outcome.row
+            headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
+    return Response(Experiment.from_row(row), status_code=201, headers=headers)
 
 
 class ExperimentController(Controller):
@@ -104,11 +117,10 @@ class ExperimentController(Controller):
         self,
         data: JSONBody[CreateExperiment],
         principal: NamedDependency[Principal],
-        conn: NamedDependency[Connection],
         runtime: NamedDependency[Runtime],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[Experiment]:
-        async def create() -> asyncpg.Record:
+        async def create(conn: Connection) -> asyncpg.Record:
             return await create_experiment(
                 conn,
                 runtime.bus,
@@ -121,7 +133,9 @@ class ExperimentController(Controller):
             )
 
         body = msgspec.to_builtins(data)
-        return await _create_with_key(conn, principal, runtime, idempotency_key, "POST /experiments", body, create)
+        return await _create_with_key(
+            runtime, principal, idempotency_key, "POST /experiments", body, create, reads_first=False
+        )
 
     @post(
         "/from-template/{template_id:uuid}",
@@ -134,14 +148,13 @@ class ExperimentController(Controller):
         self,
         template_id: FromPath[uuid.UUID],
         principal: NamedDependency[Principal],
-        conn: NamedDependency[Connection],
         runtime: NamedDependency[Runtime],
         data: JSONBody[TemplateOverrides | None] = None,
         idempotency_key: IdempotencyKey = None,
     ) -> Response[Experiment]:
         overrides = data or TemplateOverrides()
 
-        async def create() -> asyncpg.Record:
+        async def create(conn: Connection) -> asyncpg.Record:
             return await templates.create_from_template(
                 conn,
                 runtime.bus,
@@ -155,7 +168,7 @@ class ExperimentController(Controller):
 
         route = f"POST /experiments/from-template/{template_id}"
         body = msgspec.to_builtins(overrides)
-        return await _create_with_key(conn, principal, runtime, idempotency_key, route, body, create)
+        return await _create_with_key(runtime, principal, idempotency_key, route, body, create, reads_first=True)
 
     @get("/{experiment_id:uuid}", responses=READ_RESPONSES, summary="Read one experiment")
     async def read(self, experiment_id: FromPath[uuid.UUID], conn: NamedDependency[Connection]) -> Experiment:

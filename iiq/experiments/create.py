@@ -1,7 +1,9 @@
 """Creating an experiment: validate and estimate, then admit, defer and insert in one statement.
 
-The statement (`create_experiment` in sql/queries/experiments.sql) runs in the caller's
-transaction, so a refusal or an error leaves nothing behind.
+The statement (`create_experiment` in sql/queries/experiments.sql) sets its own row-level
+scope. Sent on a connection outside a transaction it commits by itself, in one round trip;
+inside the caller's transaction it commits with it. Either way a refusal or an error leaves
+nothing behind.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncpg
 import msgspec
 
 from iiq.db.queries import query
+from iiq.db.tx import scoped_transaction
 from iiq.db.types import Connection
 from iiq.errors import QuotaExceeded, UnknownToolError, ValidationFailed
 from iiq.experiments import metrics, quota
@@ -97,6 +100,13 @@ def validate_and_estimate(
     return estimate
 
 
+async def _read_quota(conn: Connection, org_id: uuid.UUID, now: datetime | None) -> quota.QuotaSnapshot:
+    if conn.is_in_transaction():
+        return await quota.snapshot(conn, org_id, now)
+    async with scoped_transaction(conn, org_id):
+        return await quota.snapshot(conn, org_id, now)
+
+
 async def create_experiment(
     conn: Connection,
     bus: EventBus,
@@ -111,6 +121,9 @@ async def create_experiment(
     template_id: uuid.UUID | None = None,
 ) -> asyncpg.Record:
     """Create and queue an experiment; `template_id` records the template it was made from.
+
+    `conn` is either outside any transaction, and the create commits before this returns, or
+    in a transaction scoped to `principal`'s org, and the create commits with it.
 
     The quota's month is that of `now`, or of the database's clock when `now` is None (as in
     production, so that every process agrees on when a month ends).
@@ -147,7 +160,7 @@ async def create_experiment(
             break
         # Refused: read the numbers for the error. When an experiment of the org ended between
         # the two statements, they show room again, so the create is tried again.
-        refused = quota.refusal(await quota.snapshot(conn, principal.org_id, now), estimate)
+        refused = quota.refusal(await _read_quota(conn, principal.org_id, now), estimate)
         if refused is not None:
             metrics.experiment_quota_rejections_total.labels(refused.reason).inc()
             raise refused

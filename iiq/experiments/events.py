@@ -54,10 +54,16 @@ class LocalStreams(Protocol):
 
     A writer calls `expect` for each event it publishes, then, once its transaction has
     ended, `deliver` if the commit succeeded and `abandon` otherwise (or when it cannot tell).
-    A rolled-back event must never be delivered.
+    A rolled-back event must never be delivered. A writer whose statement commits by itself
+    calls `begin_write` before sending it, then `expect` and `deliver` for its events, then
+    `end_write`.
     """
 
     def expect(self, event: StoredEvent) -> None: ...
+
+    def begin_write(self, experiment_id: uuid.UUID) -> None: ...
+
+    def end_write(self, experiment_id: uuid.UUID) -> None: ...
 
     def deliver(self, event: StoredEvent) -> None: ...
 
@@ -102,7 +108,11 @@ async def append_event(
     max_payload_bytes: int,
     require_running: bool = False,
 ) -> StoredEvent:
-    """Insert one event with the experiment's next sequence number, inside `conn`'s transaction."""
+    """Insert one event with the experiment's next sequence number.
+
+    Inside `conn`'s transaction; with `require_running`, `conn` may also be outside any
+    transaction, and the insert then commits by itself.
+    """
     if not event_type or len(event_type) > 64:
         raise ValueError(f"event_type must be 1 to 64 characters, got {event_type!r}")
     if stage is not None and len(stage) > 200:
@@ -113,13 +123,19 @@ async def append_event(
             f"event payload of {size} bytes exceeds the maximum of {max_payload_bytes} bytes "
             "(IIQ_MAX_EVENT_PAYLOAD_BYTES): write large data to an artifact and emit its URL"
         )
-    name = "append_running_event" if require_running else "append_event"
-    row = await conn.fetchrow(query(name), experiment_id, event_type, stage, dict(payload))
-    if row is None:
-        current = await conn.fetchrow(query("get_experiment_status"), experiment_id)
-        if current is None:
+    if require_running:
+        # Sets its own scope when `conn` has none, so it may be sent outside a transaction.
+        row = await conn.fetchrow(query("append_running_event"), experiment_id, event_type, stage, dict(payload))
+        status = None if row is None else row["status"]
+    else:
+        row = await conn.fetchrow(query("append_event"), experiment_id, event_type, stage, dict(payload))
+        if row is None:
+            current = await conn.fetchrow(query("get_experiment_status"), experiment_id)
+            status = None if current is None else current["status"]
+    if row is None or row["seq"] is None:
+        if status is None:
             raise LookupError(f"experiment {experiment_id} not found while appending an event")
-        raise InvalidTransitionError(experiment_id, current["status"], "emit")
+        raise InvalidTransitionError(experiment_id, status, "emit")
     return StoredEvent(
         experiment_id=experiment_id,
         seq=row["seq"],

@@ -14,10 +14,13 @@ The notification of a handed-over event still arrives, but it causes no read bec
 feed already contains that sequence number. It may also arrive first, while the writer is still
 waiting for its COMMIT to return: the writer has declared the event beforehand (`expect`),
 so the feed waits for the hand-off instead of reading, and reads only if the writer then
-reports that its transaction did not commit (`abandon`). The feed holds a gap-free run of
-sequence numbers: an event handed over while earlier ones are missing starts a read from
-the table instead. A stream that has fallen behind the feed's window reads from the table
-under its own org.
+reports that its transaction did not commit (`abandon`). A statement that commits by itself
+learns its event's sequence number only with its reply, after the notification may have
+arrived, so its writer declares the write before sending it (`begin_write`): until
+`end_write`, every notification waits, and the feed reads only what the hand-off did not
+bring. The feed holds a gap-free run of sequence numbers: an event handed over while earlier
+ones are missing starts a read from the table instead. A stream that has fallen behind the
+feed's window reads from the table under its own org.
 
 The feed reads with row-level security bypassed. That is safe because a stream subscribes
 only after its route has found the experiment under the caller's org.
@@ -68,6 +71,8 @@ class Feed:
         self._rendered: dict[int, Any] = {}
         # Events published by a transaction of this process that has not ended yet.
         self._expected: set[int] = set()
+        # Statements of this process in flight whose events' sequence numbers are not known yet.
+        self._writes_in_flight = 0
         # Highest notified sequence number whose read waits for the hand-off of an expected event.
         self._deferred: int | None = None
         self._refresh: asyncio.Task[None] | None = None
@@ -106,13 +111,32 @@ class Feed:
         if self._pool is not None:
             self._expected.add(seq)
 
+    def begin_write(self) -> None:
+        """Note that a statement of this process that writes an event of this experiment is in flight.
+
+        Until `end_write`, a notification starts no read: it may be for that statement's event,
+        which the writer hands over (`offer`) once the statement has returned.
+        """
+        if self._pool is not None:
+            self._writes_in_flight += 1
+
+    def end_write(self, wake: Callable[[], None]) -> None:
+        """Note that a statement announced by `begin_write` has returned and its events were offered."""
+        if self._writes_in_flight == 0:
+            return  # the feed was created while the statement was in flight
+        self._writes_in_flight -= 1
+        self._release_deferred(wake)
+
     def abandon(self, seq: int, wake: Callable[[], None]) -> None:
         """Forget expected event `seq`, whose transaction rolled back or whose outcome is unknown."""
         self._expected.discard(seq)
+        self._release_deferred(wake)
+
+    def _release_deferred(self, wake: Callable[[], None]) -> None:
         deferred, self._deferred = self._deferred, None
         if deferred is not None and deferred > self._known_seq:
-            # A notification for this sequence number was held back. Another writer may have
-            # committed it after the rollback, so read it.
+            # A notification was held back for a write of this process that did not bring its
+            # event: another writer committed it, or this write rolled back. Read it.
             self.announce(deferred, wake)
 
     def offer(self, event: StoredEvent, wake: Callable[[], None]) -> None:
@@ -147,8 +171,8 @@ class Feed:
         if seq is not None and seq <= self._known_seq:
             # Handed over already (or read by an earlier refresh), and the streams were woken then.
             return
-        if seq is not None and seq in self._expected:
-            # Its writer is in this process and hands it over once its COMMIT returns.
+        if seq is not None and (seq in self._expected or self._writes_in_flight):
+            # Its writer may be in this process, handing it over once its COMMIT returns.
             self._deferred = max(seq, self._deferred or 0)
             return
         if seq is not None and not self._events and self._known_seq == 0:

@@ -143,6 +143,18 @@ class EventHub:
         if feed is not None:
             feed.expect(event.seq)
 
+    def begin_write(self, experiment_id: uuid.UUID) -> None:
+        """Note a statement of this process in flight that writes an event of `experiment_id` and commits by itself."""
+        feed = self._feeds.get(experiment_id)
+        if feed is not None:
+            feed.begin_write()
+
+    def end_write(self, experiment_id: uuid.UUID) -> None:
+        """Note that the statement announced by `begin_write` returned; its events were delivered first."""
+        feed = self._feeds.get(experiment_id)
+        if feed is not None:
+            feed.end_write(_waker(feed))
+
     def deliver(self, event: StoredEvent) -> None:
         """Take an event this process wrote, right after its transaction committed.
 

@@ -44,6 +44,10 @@ class RunEvents:
         self._news: asyncio.Future[None] | None = None
         self._news_pending = False
         self.watching = False
+        # Statements in flight that commit by themselves, and the notifications that arrived
+        # meanwhile: those may be for their events, whose sequence numbers come with the reply.
+        self._writes_in_flight = 0
+        self._held: list[int | None] = []
 
     def watch(self) -> None:
         if self.local is not None:
@@ -68,6 +72,9 @@ class RunEvents:
         self._news_pending = False
 
     def _on_notification(self, seq: int | None) -> None:
+        if self._writes_in_flight:
+            self._held.append(seq)
+            return
         if seq is not None and seq in self._own:
             self._own.discard(seq)
             return
@@ -96,16 +103,43 @@ class RunEvents:
         rolled-back event never reaches a stream, and before the connection goes back to
         the pool, whose reset query would delay the streams by a round trip.
         """
+        async with self._publishing(scoped=True) as published:
+            yield published
+
+    @asynccontextmanager
+    async def single_statement(self) -> AsyncIterator[tuple[Connection, EventBus]]:
+        """Yield a connection outside any transaction, for one write that commits by itself.
+
+        The write must set its own scope (as iiq.append_running_event does). Its event reaches
+        this process's streams once the statement has returned, which is after its commit.
+        """
+        async with self._publishing(scoped=False) as published:
+            yield published
+
+    @asynccontextmanager
+    async def _publishing(self, *, scoped: bool) -> AsyncIterator[tuple[Connection, EventBus]]:
         published = TransactionBus(self)
         committed = False
         try:
             async with self._db.acquire() as conn:
-                async with scoped_transaction(conn, None):
-                    yield conn, published
-                committed = True
-                if self.local is not None:
-                    for event in published.events:
-                        self.local.deliver(event)
+                try:
+                    if scoped:
+                        async with scoped_transaction(conn, None):
+                            yield conn, published
+                    else:
+                        # An event is published only after the statement that wrote it has
+                        # returned, so every published event is committed, even if the block raises.
+                        committed = True
+                        self._begin_write()
+                        try:
+                            yield conn, published
+                        finally:
+                            self._end_write(published.events)
+                    committed = True
+                finally:
+                    if scoped and committed and self.local is not None:
+                        for event in published.events:
+                            self.local.deliver(event)
         finally:
             if not committed and published.events:
                 for event in published.events:
@@ -115,6 +149,23 @@ class RunEvents:
                         self.local.abandon(event)
                 # Its notification may have arrived already and been taken for ours.
                 self._announce_news()
+
+    def _begin_write(self) -> None:
+        self._writes_in_flight += 1
+        if self.local is not None:
+            self.local.begin_write(self.experiment_id)
+
+    def _end_write(self, events: list[StoredEvent]) -> None:
+        """Hand over the events of a statement that committed by itself, then take the notifications held meanwhile."""
+        if self.local is not None:
+            for event in events:
+                self.local.deliver(event)
+            self.local.end_write(self.experiment_id)
+        self._writes_in_flight -= 1
+        if not self._writes_in_flight:
+            held, self._held = self._held, []
+            for seq in held:
+                self._on_notification(seq)
 
 
 class TransactionBus:

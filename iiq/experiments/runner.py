@@ -76,7 +76,7 @@ class _RunBackend:
         if self.ended:
             # Streams close at the terminal event, so a later event would never be delivered.
             raise InvalidTransitionError(self.experiment_id, "ended", "emit")
-        async with self.events.transaction() as (conn, bus):
+        async with self.events.single_statement() as (conn, bus):
             event = await append_event(
                 conn,
                 self.experiment_id,

@@ -11,17 +11,12 @@ SELECT org_id, $1, last_event_seq, $2, $3, $4 FROM next
 RETURNING seq, created_at;
 
 -- name: append_running_event
--- As append_event, but only while the experiment is running: the row lock orders it against
--- the terminal transition, so no handler event can follow the terminal event.
-WITH next AS (
-    UPDATE iiq.experiments
-    SET last_event_seq = last_event_seq + 1
-    WHERE id = $1 AND status = 'running'
-    RETURNING org_id, last_event_seq
-)
-INSERT INTO iiq.experiment_events (org_id, experiment_id, seq, event_type, stage, payload)
-SELECT org_id, $1, last_event_seq, $2, $3, $4 FROM next
-RETURNING seq, created_at;
+-- As append_event, but only while the experiment is running, through iiq.append_running_event
+-- (migration 008): the row lock orders it against the terminal transition, so no handler event
+-- can follow the terminal event. Sent alone it is its own transaction. One row: seq and
+-- created_at, or a NULL seq and the experiment's status when it is not running; no row when
+-- the experiment does not exist.
+SELECT seq, created_at, status FROM iiq.append_running_event($1, $2, $3, $4);
 
 -- name: read_events
 SELECT seq, event_type, stage, payload, created_at

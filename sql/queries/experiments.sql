@@ -1,48 +1,22 @@
 -- name: create_experiment
--- Creates a queued experiment in one statement, or nothing when its org's quota has no room:
+-- Creates a queued experiment, or nothing when its org's quota has no room, in one statement.
+-- iiq.create_experiment (migration 008) sets the org's row-level scope when the caller has set
+-- none, then:
 -- 1. admits it: counts one more in-flight experiment reserving $7 GPU-hours on the org's quota
 --    row, applying the monthly reset first when it is due at $13 (NULL: the database's now()). After
 --    waiting for a concurrent writer of that row, the UPDATE re-checks its WHERE clause on the
 --    new row version, so concurrent creates of one org cannot overshoot a limit. The row stays
---    locked until the commit, which follows this statement;
+--    locked until the commit: sent alone, the call is its own transaction, which Postgres
+--    commits before it replies;
 -- 2. defers its job with procrastinate's own function ($14: queue, $15: task, $16: arguments),
 --    the one procrastinate's `defer_jobs` query calls;
 -- 3. inserts it as queued, with its `pending` and `queued` status events (seq 1 and 2). Nothing
 --    outside this transaction can see it before both events are stored.
--- Returns the experiment's row plus queued_event_created_at; no row on refusal.
-WITH clock AS (
-    SELECT coalesce($13::timestamptz, now()) AS as_of
-), admitted AS (
-    UPDATE iiq.experiment_quota
-    SET used_gpu_hours = CASE WHEN clock.as_of >= month_resets_at THEN 0 ELSE used_gpu_hours END,
-        month_resets_at = CASE WHEN clock.as_of >= month_resets_at
-                               THEN iiq.next_month_start(clock.as_of) ELSE month_resets_at END,
-        active = active + 1,
-        reserved_gpu_hours = reserved_gpu_hours + $7::float8,
-        updated_at = now()
-    FROM clock
-    WHERE org_id = $2 AND iiq.quota_has_room(experiment_quota, $7::float8, clock.as_of)
-    RETURNING org_id
-), job AS (
-    SELECT (procrastinate_defer_jobs_v1(ARRAY[
-        ROW($14::varchar, $15::varchar, 0, NULL, NULL, $16::jsonb, NULL)::procrastinate_job_to_defer_v1
-    ]))[1] AS id
-    FROM admitted
-), experiment AS (
-    INSERT INTO iiq.experiments (
-        id, org_id, tool_id, target, input_config, goal, status, estimated_gpu_hours, gpu_count,
-        timeout_seconds, created_by, template_id, config_hash, job_id, last_event_seq, created_at, queued_at
-    )
-    SELECT $1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $10, $11, $12, job.id, 2, now(), now()
-    FROM job
-    RETURNING *
-), event AS (
-    INSERT INTO iiq.experiment_events (org_id, experiment_id, seq, event_type, stage, payload)
-    SELECT org_id, id, step.seq, 'status', step.stage, jsonb_build_object('status', step.stage)
-    FROM experiment, (VALUES (1, 'pending'), (2, 'queued')) AS step (seq, stage)
-    RETURNING seq, created_at
-)
-SELECT experiment.*, (SELECT created_at FROM event WHERE seq = 2) AS queued_event_created_at FROM experiment;
+-- The other parameters are the experiment's columns: $1 id, $2 org_id, $3 tool_id, $4 target,
+-- $5 input_config, $6 goal, $8 gpu_count, $9 timeout_seconds, $10 created_by, $11 template_id,
+-- $12 config_hash. Returns the experiment's row plus queued_event_created_at; no row on refusal.
+SELECT (c.experiment).*, c.queued_event_created_at
+FROM iiq.create_experiment($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) AS c;
 
 -- name: get_experiment
 SELECT * FROM iiq.experiments WHERE id = $1;

@@ -4,9 +4,9 @@
 
 Each of `connections` connections (as iiq's service role, with iiq's codecs) runs the same
 statements that one `POST /experiments` runs, as prepared statements. The API-key lookup
-runs on its own. Then one transaction, begun with its org scope in one round trip as iiq
-begins it, runs the one statement that admits, defers and inserts the experiment with its
-events. Keep it in step with `iiq.orgs.authenticate` and `iiq.experiments.create`: the smoke
+runs on its own. Then the one statement that sets the org's scope, admits, defers and
+inserts the experiment with its events runs as its own transaction, as iiq sends it when the
+request has no Idempotency-Key. Keep it in step with `iiq.orgs.authenticate` and `iiq.experiments.create`: the smoke
 test catches a renamed or changed query, but not a statement added to or dropped from the
 create path. The loop stops after
 `total` iterations or `deadline_s` seconds. What it leaves out is iiq's own cost: HTTP,
@@ -28,7 +28,6 @@ import asyncpg
 
 from iiq.db.pool import service_server_settings
 from iiq.db.queries import query
-from iiq.db.tx import scoped_transaction
 from iiq.experiments.create import config_hash
 from iiq.orgs import hash_key
 from iiq.queue.codecs import init_connection
@@ -67,27 +66,27 @@ class Loop:
 
         org_id = found["org_id"]
         experiment_id = uuid.uuid4()
-        async with scoped_transaction(self.conn, org_id):
-            _one(
-                await self.s["create_experiment"].fetchrow(
-                    experiment_id,
-                    org_id,
-                    tool_id,
-                    target,
-                    {},
-                    None,
-                    _ESTIMATE,
-                    1,
-                    1800.0,
-                    f"api_key:{found['id']}",
-                    None,
-                    config_hash(tool_id, target, {}, None),
-                    None,
-                    EXPERIMENTS_QUEUE,
-                    RUN_TASK,
-                    {"experiment_id": str(experiment_id)},
-                )
+        # Outside a transaction: the statement sets the scope and commits by itself.
+        _one(
+            await self.s["create_experiment"].fetchrow(
+                experiment_id,
+                org_id,
+                tool_id,
+                target,
+                {},
+                None,
+                _ESTIMATE,
+                1,
+                1800.0,
+                f"api_key:{found['id']}",
+                None,
+                config_hash(tool_id, target, {}, None),
+                None,
+                EXPERIMENTS_QUEUE,
+                RUN_TASK,
+                {"experiment_id": str(experiment_id)},
             )
+        )
 
 
 async def open_loop(dsn: str) -> Loop:

@@ -14,6 +14,11 @@ import asyncpg
 import pytest
 
 from iiq.db.pool import SERVICE_ROLE, connect_admin
+from iiq.db.tx import org_transaction
+from iiq.errors import NotFoundError
+from iiq.experiments.create import create_experiment
+from iiq.experiments.events import append_event
+from iiq.orgs import Principal
 from tests.conftest import Server, Tenant, make_tenant
 from tools import l5_batching
 
@@ -404,3 +409,71 @@ async def test_role_cannot_update_other_org(orgs: TwoOrgs, admin: asyncpg.Connec
 
     assert updated == "UPDATE 0"
     assert deleted == "DELETE 0"
+
+
+# --- the writes that set their own scope (migration 008) ---
+
+
+def _principal(org_id: uuid.UUID) -> Principal:
+    return Principal(org_id=org_id, key_id=uuid.uuid4(), key_name="test")
+
+
+async def test_create_sent_alone_scopes_itself_and_leaves_no_scope(orgs: TwoOrgs, server: Server) -> None:
+    runtime = server.runtime
+    async with runtime.pool.acquire() as conn:
+        row = await create_experiment(
+            conn,
+            runtime.bus,
+            runtime.settings,
+            _principal(orgs.a.org_id),
+            tool_id="test.sleep",
+            target=SLEEP_TARGET,
+            input_config={"steps": 1},
+            goal=None,
+        )
+        # Committed by itself: no transaction is left open, and no org scope outlives it.
+        assert not conn.is_in_transaction()
+        assert await conn.fetchval("SELECT iiq.current_org()") is None
+        assert await conn.fetchval("SELECT count(*) FROM iiq.experiments WHERE id = $1", row["id"]) == 0
+
+    assert row["org_id"] == orgs.a.org_id
+    await wait_for_status(orgs.a, str(row["id"]), TERMINAL)
+
+
+async def test_create_in_other_orgs_transaction_writes_nothing(
+    orgs: TwoOrgs, server: Server, admin: asyncpg.Connection
+) -> None:
+    count = "SELECT count(*) FROM iiq.experiments WHERE org_id = $1"
+    quota = "SELECT active, reserved_gpu_hours FROM iiq.experiment_quota WHERE org_id = $1"
+    before = (await admin.fetchval(count, orgs.a.org_id), await admin.fetchrow(quota, orgs.a.org_id))
+    runtime = server.runtime
+
+    # The statement does not widen a scope its caller set: org A's rows stay out of reach.
+    with pytest.raises(NotFoundError):
+        async with org_transaction(runtime.pool, orgs.b.org_id) as conn:
+            await create_experiment(
+                conn,
+                runtime.bus,
+                runtime.settings,
+                _principal(orgs.a.org_id),
+                tool_id="test.sleep",
+                target=SLEEP_TARGET,
+                input_config={"steps": 1},
+                goal=None,
+            )
+
+    assert (await admin.fetchval(count, orgs.a.org_id), await admin.fetchrow(quota, orgs.a.org_id)) == before
+
+
+async def test_emit_in_other_orgs_transaction_writes_nothing(
+    orgs: TwoOrgs, server: Server, admin: asyncpg.Connection
+) -> None:
+    running_id = uuid.UUID(orgs.running_id)
+
+    with pytest.raises(LookupError):
+        async with org_transaction(server.runtime.pool, orgs.b.org_id) as conn:
+            await append_event(conn, running_id, "note", "forged", {}, max_payload_bytes=1000, require_running=True)
+
+    # The run keeps emitting its own events meanwhile, so look for the forged one itself.
+    forged = "SELECT count(*) FROM iiq.experiment_events WHERE experiment_id = $1 AND stage = 'forged'"
+    assert await admin.fetchval(forged, running_id) == 0

@@ -138,6 +138,61 @@ def test_rendered_once_per_event_for_all_streams() -> None:
     assert calls == [2, 2, 2]
 
 
+class _FailingPool:
+    """Counts the feed's reads; each fails as a lost connection would."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def acquire(self) -> Any:
+        self.reads += 1
+        raise OSError("connection lost")
+
+
+def test_notification_during_own_statement_waits_for_its_hand_off() -> None:
+    feed, wakes = _feed(), _Wakes()
+    feed.offer(_event(1), wakes)
+    feed.begin_write()
+
+    # The statement committed and its notification arrived before its reply: no read.
+    feed.announce(2, wakes)
+    feed.expect(2)
+    feed.offer(_event(2), wakes)
+    feed.end_write(wakes)
+
+    assert _seqs(feed.events_after(0)) == [1, 2]
+
+
+async def test_notification_of_another_writer_during_own_statement_is_read_after_it() -> None:
+    pool = _FailingPool()
+    feed, wakes = Feed(EXPERIMENT, pool, capacity=512), _Wakes()  # type: ignore[arg-type]
+    feed.offer(_event(1), wakes)
+    feed.begin_write()
+
+    feed.announce(3, wakes)  # another writer's event, after this process's event 2
+    await asyncio.sleep(0)
+    assert pool.reads == 0
+    feed.expect(2)
+    feed.offer(_event(2), wakes)
+    feed.end_write(wakes)
+    await asyncio.sleep(0)
+
+    assert pool.reads == 1
+
+
+async def test_notification_during_own_statement_that_failed_is_read() -> None:
+    pool = _FailingPool()
+    feed, wakes = Feed(EXPERIMENT, pool, capacity=512), _Wakes()  # type: ignore[arg-type]
+    feed.offer(_event(1), wakes)
+    feed.begin_write()
+
+    feed.announce(2, wakes)
+    feed.end_write(wakes)  # the statement raised: its writer hands nothing over
+    await asyncio.sleep(0)
+
+    assert pool.reads == 1
+
+
 async def _never_connect() -> Any:
     raise AssertionError("the hub connected")
 

@@ -1,10 +1,15 @@
-"""`RunEvents` news: a notification from another writer wakes the runner's next wait, never lost."""
+"""`RunEvents` news: a notification from another writer wakes the runner's next wait, never lost.
+
+Also the hand-off of an event written by a statement that commits by itself: its notification
+may arrive before the statement's reply, and must not be taken for news.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,10 +22,19 @@ class _Streams:
 
     def __init__(self) -> None:
         self.watchers: list[Callable[[int | None], None]] = []
+        self.delivered: list[int] = []
+        self.writes_in_flight = 0
 
     def expect(self, event: StoredEvent) -> None: ...
 
-    def deliver(self, event: StoredEvent) -> None: ...
+    def begin_write(self, experiment_id: uuid.UUID) -> None:
+        self.writes_in_flight += 1
+
+    def end_write(self, experiment_id: uuid.UUID) -> None:
+        self.writes_in_flight -= 1
+
+    def deliver(self, event: StoredEvent) -> None:
+        self.delivered.append(event.seq)
 
     def abandon(self, event: StoredEvent) -> None: ...
 
@@ -31,9 +45,17 @@ class _Streams:
         self.watchers.remove(callback)
 
 
+class _Pool:
+    """A pool whose connections are never used: the tests publish events they make up."""
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Any]:
+        yield None
+
+
 def _watched() -> tuple[RunEvents, _Streams]:
     streams = _Streams()
-    events = RunEvents(Any, PostgresEventBus(local=streams), uuid.uuid4())  # type: ignore[arg-type]
+    events = RunEvents(_Pool(), PostgresEventBus(local=streams), uuid.uuid4())  # type: ignore[arg-type]
     events.watch()
     return events, streams
 
@@ -74,19 +96,58 @@ async def test_taken_news_does_not_wake_again() -> None:
     assert await _woken(events, 0.01) is False
 
 
+def _event(events: RunEvents, seq: int) -> StoredEvent:
+    return StoredEvent(
+        experiment_id=events.experiment_id,
+        seq=seq,
+        event_type="progress",
+        stage=None,
+        payload={},
+        created_at=datetime.now(UTC),
+    )
+
+
 async def test_own_events_are_not_news() -> None:
     events, streams = _watched()
-    events.note_published(
-        StoredEvent(
-            experiment_id=events.experiment_id,
-            seq=3,
-            event_type="progress",
-            stage=None,
-            payload={},
-            created_at=datetime.now(UTC),
-        )
-    )
+    events.note_published(_event(events, 3))
 
     streams.watchers[0](3)
 
     assert await _woken(events, 0.01) is False
+
+
+async def test_own_event_notified_before_its_statement_returns_is_not_news() -> None:
+    events, streams = _watched()
+
+    async with events.single_statement() as (conn, bus):
+        assert streams.writes_in_flight == 1
+        streams.watchers[0](3)  # the statement committed; its reply has not arrived yet
+        await bus.publish(conn, _event(events, 3))
+
+    assert streams.writes_in_flight == 0
+    assert streams.delivered == [3]
+    assert await _woken(events, 0.01) is False
+
+
+async def test_other_event_notified_during_own_statement_is_news() -> None:
+    events, streams = _watched()
+
+    async with events.single_statement() as (conn, bus):
+        streams.watchers[0](4)  # a cancel request, committed just after this statement
+        await bus.publish(conn, _event(events, 3))
+
+    assert await _woken(events, 0.2) is True
+
+
+async def test_notification_during_failed_statement_is_news() -> None:
+    events, streams = _watched()
+
+    try:
+        async with events.single_statement():
+            streams.watchers[0](3)
+            raise OSError("connection lost")
+    except OSError:
+        pass
+
+    assert streams.delivered == []
+    assert await _woken(events, 0.2) is True
