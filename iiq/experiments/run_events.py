@@ -47,7 +47,7 @@ class RunEvents:
         # Statements in flight that commit by themselves, and the notifications that arrived
         # meanwhile: those may be for their events, whose sequence numbers come with the reply.
         self._writes_in_flight = 0
-        self._held: list[int | None] = []
+        self._notified_during_write: list[int | None] = []
 
     def watch(self) -> None:
         if self.local is not None:
@@ -73,7 +73,7 @@ class RunEvents:
 
     def _on_notification(self, seq: int | None) -> None:
         if self._writes_in_flight:
-            self._held.append(seq)
+            self._notified_during_write.append(seq)
             return
         if seq is not None and seq in self._own:
             self._own.discard(seq)
@@ -163,8 +163,8 @@ class RunEvents:
             self.local.end_write(self.experiment_id)
         self._writes_in_flight -= 1
         if not self._writes_in_flight:
-            held, self._held = self._held, []
-            for seq in held:
+            notified, self._notified_during_write = self._notified_during_write, []
+            for seq in notified:
                 self._on_notification(seq)
 
 
