@@ -95,14 +95,14 @@ async def revoke_key(conn: Connection, key_id: uuid.UUID) -> asyncpg.Record:
     return row
 
 
-async def authenticate(pool: asyncpg.Pool, key: str) -> Principal | None:
+async def authenticate(db: asyncpg.Pool | Connection, key: str) -> Principal | None:
     """Return the caller for `key`, or None when it is malformed, unknown or revoked."""
     match = _KEY_PATTERN.match(key)
     if match is None:
         return None
     # The org is what this lookup finds out, so it runs before any org can be set: the SQL
     # function bypasses row-level security for this one statement (migration 005).
-    row = await pool.fetchrow(query("find_api_key"), match.group(1))
+    row = await db.fetchrow(query("find_api_key"), match.group(1))
     if row is None or not hmac.compare_digest(row["key_hash"], hash_key(key)) or row["revoked_at"] is not None:
         return None
     return Principal(org_id=row["org_id"], key_id=row["id"], key_name=row["name"])

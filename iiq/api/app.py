@@ -20,6 +20,7 @@ from iiq.api.auth import provide_org_conn, provide_principal, provide_runtime
 from iiq.api.errors import handle_iiq_error, handle_postgres_error, handle_unexpected_error
 from iiq.api.experiments import ExperimentController
 from iiq.api.metrics_route import metrics_route
+from iiq.api.request_db import provide_db
 from iiq.api.resources import list_tools, read_artifact, read_quota
 from iiq.api.stream import create_stream_token, stream_events
 from iiq.api.templates import TemplateController
@@ -95,6 +96,7 @@ def create_app(settings: Settings, *, with_worker: bool = True) -> Litestar:
         ],
         dependencies={
             "runtime": Provide(provide_runtime, sync_to_thread=False),
+            "db": Provide(provide_db),
             "principal": Provide(provide_principal),
             "conn": Provide(provide_org_conn),
         },

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import asyncpg
 from litestar import Request
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.exceptions import NotAuthorizedException
 from litestar.params import FromPath, QueryParameter
 
-from iiq.db.tx import scoped_transaction
+from iiq.api.request_db import RequestDb
 from iiq.db.types import Connection
 from iiq.orgs import Principal, authenticate, looks_like_api_key
 from iiq.runtime import Runtime
@@ -26,13 +26,15 @@ def provide_runtime(state: State) -> Runtime:
     return runtime
 
 
-async def provide_principal(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Principal:
+async def provide_principal(request: Request[Any, Any, Any], db: NamedDependency[RequestDb]) -> Principal:
     """Authenticate the `Authorization: Bearer <key>` header; 401 when missing, malformed or revoked.
 
-    It takes `runtime` as a dependency, although `request` could reach it, so that Litestar
-    resolves the two one after the other: dependencies it resolves side by side cost an anyio
-    task group per request (see BENCHMARKS.md).
+    The lookup runs on the request's own connection, which the route then uses too.
     """
+    return await _principal_from_header(request, await db.connection())
+
+
+async def _principal_from_header(request: Request[Any, Any, Any], db: asyncpg.Pool | Connection) -> Principal:
     header = request.headers.get("authorization")
     if not header:
         raise NotAuthorizedException(
@@ -46,7 +48,7 @@ async def provide_principal(request: Request[Any, Any, Any], runtime: NamedDepen
             "a stream token opens only GET /experiments/{id}/events?stream_token=...: use an API key here",
             headers=_CHALLENGE,
         )
-    principal = await authenticate(runtime.pool, key.strip())
+    principal = await authenticate(db, key.strip())
     if principal is None:
         raise NotAuthorizedException("invalid or revoked API key", headers=_CHALLENGE)
     return principal
@@ -80,7 +82,8 @@ async def provide_stream_principal(
             )
 
     if request.headers.get("authorization"):
-        return await provide_principal(request, provide_runtime(state))
+        # From the pool: a stream lasts long, and must not hold a connection while it does.
+        return await _principal_from_header(request, provide_runtime(state).pool)
     if stream_token is None:
         raise NotAuthorizedException(
             "missing credentials: send 'Authorization: Bearer <API key>', or, from a browser's EventSource, "
@@ -90,7 +93,9 @@ async def provide_stream_principal(
     return await authenticate_stream_token(provide_runtime(state).pool, stream_token, experiment_id)
 
 
-async def provide_org_conn(principal: NamedDependency[Principal], state: State) -> AsyncIterator[Connection]:
-    """Yield a connection in a transaction scoped to the caller's org, committed on success."""
-    async with provide_runtime(state).pool.acquire() as conn, scoped_transaction(conn, principal.org_id):
-        yield conn
+async def provide_org_conn(principal: NamedDependency[Principal], db: NamedDependency[RequestDb]) -> Connection:
+    """Return the request's connection in a transaction scoped to the caller's org.
+
+    `provide_db` commits it after the response is built, or rolls it back when the request failed.
+    """
+    return await db.scoped(principal.org_id)

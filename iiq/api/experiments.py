@@ -16,10 +16,10 @@ from litestar.di import NamedDependency
 from litestar.exceptions import ValidationException
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
+from iiq.api.request_db import RequestDb
 from iiq.api.responses import CREATE_RESPONSES, FROM_TEMPLATE_RESPONSES, IDEMPOTENCY_HEADERS, READ_RESPONSES
 from iiq.api.schemas import CreateExperiment, Experiment, ExperimentPage, TemplateOverrides
 from iiq.db.queries import query
-from iiq.db.tx import org_transaction
 from iiq.db.types import Connection
 from iiq.errors import NotFoundError
 from iiq.experiments import idempotency, lifecycle, templates
@@ -64,6 +64,7 @@ def _or_empty(override: dict[str, Any] | msgspec.UnsetType) -> dict[str, Any]:
 
 
 async def _create_with_key(
+    db: RequestDb,
     runtime: Runtime,
     principal: Principal,
     key: str | None,
@@ -81,25 +82,22 @@ async def _create_with_key(
     elif not reads_first:
         # Outside a transaction the create statement commits by itself, in one round trip, so
         # the org's quota row is free again before the response is built.
-        async with runtime.pool.acquire() as conn:
-            row = await create(conn)
-        return Response(Experiment.from_row(row), status_code=201)
+        return Response(Experiment.from_row(await create(await db.connection())), status_code=201)
 
-    async with org_transaction(runtime.pool, principal.org_id) as conn:
-        if key is None:
-            row, headers = await create(conn), None
-        else:
-            outcome = await idempotency.create_once(
-                conn,
-                principal.org_id,
-                key,
-                idempotency.request_hash(route, body),
-                runtime.settings.idempotency_key_ttl_seconds,
-                lambda: create(conn),
-            )
-            row = outcome.row
-            headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
-    return Response(Experiment.from_row(row), status_code=201, headers=headers)
+    # The request's transaction, committed after the response is built.
+    conn = await db.scoped(principal.org_id)
+    if key is None:
+        return Response(Experiment.from_row(await create(conn)), status_code=201)
+    outcome = await idempotency.create_once(
+        conn,
+        principal.org_id,
+        key,
+        idempotency.request_hash(route, body),
+        runtime.settings.idempotency_key_ttl_seconds,
+        lambda: create(conn),
+    )
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
+    return Response(Experiment.from_row(outcome.row), status_code=201, headers=headers)
 
 
 class ExperimentController(Controller):
@@ -118,6 +116,7 @@ class ExperimentController(Controller):
         data: JSONBody[CreateExperiment],
         principal: NamedDependency[Principal],
         runtime: NamedDependency[Runtime],
+        db: NamedDependency[RequestDb],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[Experiment]:
         async def create(conn: Connection) -> asyncpg.Record:
@@ -134,7 +133,7 @@ class ExperimentController(Controller):
 
         body = msgspec.to_builtins(data)
         return await _create_with_key(
-            runtime, principal, idempotency_key, "POST /experiments", body, create, reads_first=False
+            db, runtime, principal, idempotency_key, "POST /experiments", body, create, reads_first=False
         )
 
     @post(
@@ -149,6 +148,7 @@ class ExperimentController(Controller):
         template_id: FromPath[uuid.UUID],
         principal: NamedDependency[Principal],
         runtime: NamedDependency[Runtime],
+        db: NamedDependency[RequestDb],
         data: JSONBody[TemplateOverrides | None] = None,
         idempotency_key: IdempotencyKey = None,
     ) -> Response[Experiment]:
@@ -168,7 +168,7 @@ class ExperimentController(Controller):
 
         route = f"POST /experiments/from-template/{template_id}"
         body = msgspec.to_builtins(overrides)
-        return await _create_with_key(runtime, principal, idempotency_key, route, body, create, reads_first=True)
+        return await _create_with_key(db, runtime, principal, idempotency_key, route, body, create, reads_first=True)
 
     @get("/{experiment_id:uuid}", responses=READ_RESPONSES, summary="Read one experiment")
     async def read(self, experiment_id: FromPath[uuid.UUID], conn: NamedDependency[Connection]) -> Experiment:

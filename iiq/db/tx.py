@@ -33,12 +33,11 @@ _BEGIN_BYPASS = "BEGIN; SELECT set_config('app.rls_bypass', 'true', true)"
 _BEGIN_AS_ORG = "BEGIN; SELECT set_config('app.org_id', '{org_id}', true)"
 
 
-@asynccontextmanager
-async def scoped_transaction(conn: Connection, org_id: uuid.UUID | None) -> AsyncIterator[Connection]:
-    """Run a transaction on `conn` that shows only `org_id`'s rows, or every row when `org_id` is None.
+async def begin_scoped(conn: Connection, org_id: uuid.UUID | None) -> None:
+    """Begin a transaction on `conn` that shows only `org_id`'s rows, or every row when `org_id` is None.
 
-    Committed when the block ends normally and rolled back when it raises. Code inside must
-    not open `conn.transaction()`: asyncpg refuses it inside a transaction it did not begin.
+    End it with `end_scoped`. Code in it must not open `conn.transaction()`: asyncpg refuses
+    it inside a transaction it did not begin.
     """
     if org_id is None:
         begin = _BEGIN_BYPASS
@@ -48,17 +47,35 @@ async def scoped_transaction(conn: Connection, org_id: uuid.UUID | None) -> Asyn
     else:
         raise TypeError(f"org_id must be a uuid.UUID or None, got {type(org_id).__name__}")
     await conn.execute(begin)
-    try:
-        yield conn
-    except BaseException:
+
+
+async def end_scoped(conn: Connection, *, failed: bool) -> None:
+    """Commit the transaction that `begin_scoped` began, or roll it back when `failed`."""
+    if failed:
         await _rollback(conn)
-        raise
+        return
     # After a failed statement whose error the block caught, Postgres replies to COMMIT with
     # ROLLBACK and raises no error, so the reply is checked here.
     if await conn.execute("COMMIT") != "COMMIT":
         raise TransactionAbortedError(
             "the transaction was rolled back at COMMIT because a statement in it had failed; nothing was stored"
         )
+
+
+@asynccontextmanager
+async def scoped_transaction(conn: Connection, org_id: uuid.UUID | None) -> AsyncIterator[Connection]:
+    """Run a transaction on `conn` that shows only `org_id`'s rows, or every row when `org_id` is None.
+
+    Committed when the block ends normally and rolled back when it raises. Code inside must
+    not open `conn.transaction()`: asyncpg refuses it inside a transaction it did not begin.
+    """
+    await begin_scoped(conn, org_id)
+    try:
+        yield conn
+    except BaseException:
+        await end_scoped(conn, failed=True)
+        raise
+    await end_scoped(conn, failed=False)
 
 
 async def _rollback(conn: Connection) -> None:
