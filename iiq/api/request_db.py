@@ -10,7 +10,7 @@ transaction, before the connection goes back to the pool.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import AbstractAsyncContextManager
 
 from litestar.di import NamedDependency
@@ -61,7 +61,7 @@ class RequestDb:
         await acquired.__aexit__(None, None, None)
 
 
-async def provide_db(runtime: NamedDependency[Runtime]) -> AsyncIterator[RequestDb]:
+async def provide_db(runtime: NamedDependency[Runtime]) -> AsyncGenerator[RequestDb, None]:
     """Yield the request's `RequestDb`; after the response is built, commit and release its connection."""
     db = RequestDb(runtime)
     try:
