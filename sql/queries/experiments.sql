@@ -1,17 +1,19 @@
 -- name: create_experiment
 -- Creates a queued experiment, or nothing when its org's quota has no room, in one statement.
--- iiq.create_experiment (migration 008) sets the org's row-level scope when the caller has set
--- none, then:
--- 1. admits it: counts one more in-flight experiment reserving $7 GPU-hours on the org's quota
---    row, applying the monthly reset first when it is due at $13 (NULL: the database's now()). After
---    waiting for a concurrent writer of that row, the UPDATE re-checks its WHERE clause on the
---    new row version, so concurrent creates of one org cannot overshoot a limit. The row stays
---    locked until the commit: sent alone, the call is its own transaction, which Postgres
---    commits before it replies;
+-- iiq.create_experiment (migrations 008 and 009) sets the org's row-level scope when the caller
+-- has set none, then:
+-- 1. checks, without a lock, that the org's quota has room at $13 (NULL: the database's now())
+--    for one more experiment reserving $7 GPU-hours, and returns no row when it has none;
 -- 2. defers its job with procrastinate's own function ($14: queue, $15: task, $16: arguments),
 --    the one procrastinate's `defer_jobs` query calls;
 -- 3. inserts it as queued, with its `pending` and `queued` status events (seq 1 and 2). Nothing
---    outside this transaction can see it before both events are stored.
+--    outside this transaction can see it before both events are stored;
+-- 4. admits it, last: counts one more in-flight experiment reserving $7 GPU-hours on the org's
+--    quota row, applying the monthly reset first when it is due. After waiting for a concurrent
+--    writer of that row, the UPDATE re-checks its condition on the new row version, so
+--    concurrent creates of one org cannot overshoot a limit. When no room is left, it deletes
+--    what steps 2 and 3 wrote and returns no row. The row stays locked until the commit: sent
+--    alone, the call is its own transaction, which Postgres commits before it replies.
 -- The other parameters are the experiment's columns: $1 id, $2 org_id, $3 tool_id, $4 target,
 -- $5 input_config, $6 goal, $8 gpu_count, $9 timeout_seconds, $10 created_by, $11 template_id,
 -- $12 config_hash. Returns the experiment's row plus queued_event_created_at; no row on refusal.

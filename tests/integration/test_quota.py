@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 
 from iiq.db.pool import connect_admin
-from iiq.db.tx import service_transaction
-from iiq.errors import InvalidTransitionError
+from iiq.db.tx import scoped_transaction, service_transaction
+from iiq.errors import InvalidTransitionError, QuotaExceeded
 from iiq.experiments import lifecycle, quota
 from iiq.experiments.create import create_experiment
 from iiq.experiments.runner import run_experiment
@@ -84,6 +84,56 @@ async def test_concurrency_cap_holds_under_load(tenant_factory: Any, database_ur
     assert rejected.json()["extra"]["reason"] == "concurrency"
     assert rejected.json()["extra"]["max_concurrent"] == 2
     assert rejected.json()["extra"]["active"] == 2
+    await _cancel_all(tenant)
+
+
+async def _wait_for_a_lock_wait(database_url: str) -> None:
+    """Return once a backend of the test database waits for a lock, for at most 10 s."""
+    conn = await connect_admin(database_url)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            waiting = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            if waiting:
+                return
+            await asyncio.sleep(0.01)
+    finally:
+        await conn.close()
+    raise AssertionError("no backend waited for a lock within 10 s")
+
+
+async def test_create_that_loses_the_last_room_leaves_nothing(
+    server: Server, tenant_factory: Any, database_url: str
+) -> None:
+    tenant = await tenant_factory(monthly_gpu_hours=100.0, max_concurrent=1)
+    principal = Principal(org_id=tenant.org_id, key_id=tenant.key_id, key_name="test")
+    pool = server.runtime.pool
+    async with pool.acquire() as first, pool.acquire() as second:
+        async with scoped_transaction(first, tenant.org_id):
+            # The first create takes the only room and holds the org's quota row until it commits.
+            await _create_costing_half(first, server, principal, None)
+            # The second finds room in its check without a lock, writes its rows, then waits
+            # for the quota row.
+            losing = asyncio.ensure_future(_create_costing_half(second, server, principal, None))
+            await _wait_for_a_lock_wait(database_url)
+        # Once the first has committed, the second's admission finds no room.
+        with pytest.raises(QuotaExceeded) as refused:
+            await losing
+
+    assert refused.value.reason == "concurrency"
+    assert await _org_rows(database_url, tenant.org_id) == (1, 1)
+    admin = await connect_admin(database_url)
+    try:
+        followed = await admin.fetchval(
+            "SELECT count(DISTINCT experiment_id) FROM iiq.experiment_events WHERE org_id = $1", tenant.org_id
+        )
+    finally:
+        await admin.close()
+    assert followed == 1
+    counters, recount = await _counters_and_recount(database_url, tenant.org_id)
+    assert counters == recount
     await _cancel_all(tenant)
 
 
