@@ -12,6 +12,7 @@ issues a short-lived token for one experiment's stream, passed as `?stream_token
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -86,6 +87,16 @@ def parse_last_event_id(value: str | None) -> int:
     return int(value)
 
 
+async def _read_from_table(
+    runtime: Runtime, principal: Principal, experiment_id: uuid.UUID, after: int
+) -> tuple[list[StoredEvent], asyncpg.Record | None]:
+    """Read the events after `after` under the caller's org; with none, also the experiment's row."""
+    async with org_transaction(runtime.pool, principal.org_id) as conn:
+        events = await read_events(conn, experiment_id, after, _BATCH)
+        state = None if events else await conn.fetchrow(query("get_experiment"), experiment_id)
+    return events, state
+
+
 async def _follow(
     runtime: Runtime, hub: EventHub, principal: Principal, experiment_id: uuid.UUID, after: int
 ) -> AsyncIterator[ServerSentEventMessage]:
@@ -94,14 +105,17 @@ async def _follow(
     subscription = hub.subscribe(experiment_id)
     try:
         while True:
-            events = subscription.feed.events_after(after)
-            from_table = events is None
+            cached = subscription.feed.events_after(after)
+            from_table = cached is None
             state = None
-            if events is None:
+            if cached is not None:
+                events = cached
+            else:
                 try:
-                    async with org_transaction(runtime.pool, principal.org_id) as conn:
-                        events = await read_events(conn, experiment_id, after, _BATCH)
-                        state = None if events else await conn.fetchrow(query("get_experiment"), experiment_id)
+                    # A client that disconnects cancels this generator. Shielded, the read still
+                    # ends its transaction and returns its connection, instead of leaving the
+                    # pool to roll back a connection handed back mid-transaction.
+                    events, state = await asyncio.shield(_read_from_table(runtime, principal, experiment_id, after))
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                     # The response has started, so no error status can be sent: end the stream and
                     # let the client reconnect with Last-Event-ID, as after a restart.

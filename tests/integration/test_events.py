@@ -9,12 +9,14 @@ from typing import Any
 import httpx
 import pytest
 
+from iiq.api.stream import _follow
 from iiq.db.pool import connect_admin
 from iiq.experiments import metrics
 from iiq.experiments.events import append_event
+from iiq.orgs import Principal
 from iiq.runtime import LISTEN_APPLICATION_NAME
 from tests.conftest import Server, Tenant
-from tests.support.lifecycle import fetch_events
+from tests.support.lifecycle import create_unqueued, fetch_events
 from tests.support.sse import read_stream
 
 TARGET = {"model_id": "meta-llama/Llama-3.1-8B-Instruct", "hardware": "H100-SXM", "engine": "vllm"}
@@ -175,3 +177,50 @@ async def test_event_json_shape(tenant: Tenant) -> None:
     event = json.loads(first)
     assert set(event) == {"seq", "event_type", "stage", "payload", "created_at"}
     assert event["seq"] == 1
+
+
+async def _lock_waits(observer: Any) -> int:
+    count: int = await observer.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    return count
+
+
+async def test_stream_dropped_during_its_read_lets_the_read_finish(
+    server: Server, tenant: Tenant, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub = server.runtime.hub
+    assert hub is not None
+    pool = server.runtime.pool
+    # Without a job, so that no runner writes events while the table is locked.
+    experiment_id = await create_unqueued(pool, server.settings, tenant.org_id, "test.sleep", {"steps": 1})
+    principal = Principal(org_id=tenant.org_id, key_id=tenant.key_id, key_name="test")
+    locker = await connect_admin(server.runtime.dsn)
+    observer = await connect_admin(server.runtime.dsn)
+    try:
+        # The stream's first read from the events table waits behind this lock...
+        async with locker.transaction():
+            await locker.execute("LOCK TABLE iiq.experiment_events IN ACCESS EXCLUSIVE MODE")
+            stream = _follow(server.runtime, hub, principal, experiment_id, 0)
+            first = asyncio.ensure_future(anext(stream))
+            for _ in range(1000):
+                if await _lock_waits(observer):
+                    break
+                await asyncio.sleep(0.01)
+            assert await _lock_waits(observer) == 1
+            # ...when its client disconnects, which cancels the stream.
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            # The read goes on: it ends its transaction itself, rather than have its query
+            # cancelled and its connection handed back to the pool mid-transaction.
+            assert await _lock_waits(observer) == 1
+        for _ in range(500):
+            if pool.get_idle_size() == pool.get_size():
+                break
+            await asyncio.sleep(0.01)
+        assert pool.get_idle_size() == pool.get_size()
+        assert not [record for record in caplog.records if "active transaction" in record.getMessage()]
+    finally:
+        await locker.close()
+        await observer.close()
