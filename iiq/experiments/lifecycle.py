@@ -1,4 +1,4 @@
-"""Lifecycle transitions: each is one statement in the caller's transaction.
+"""Lifecycle transitions: each is one statement, in the caller's transaction or, for the runner's, alone.
 
 That statement is a guarded UPDATE of the experiment that also stores its status event and,
 for a transition out of pending, queued or running, releases the experiment's quota share and
@@ -47,6 +47,11 @@ async def _transition(
     row = await conn.fetchrow(query(name), experiment_id, *args)
     if row is None:
         await _raise_invalid(conn, experiment_id, requested)
+    if row["event_seq"] is None:
+        # A transition that sets its own scope reports the current status itself.
+        if row["current_status"] is None:
+            raise NotFoundError("experiment", experiment_id)
+        raise InvalidTransitionError(experiment_id, row["current_status"], requested)
     event = StoredEvent(
         experiment_id=experiment_id,
         seq=row["event_seq"],

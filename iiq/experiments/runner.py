@@ -108,7 +108,7 @@ class _RunBackend:
                 f"results summary of {size} bytes exceeds the maximum of {MAX_SUMMARY_BYTES} bytes: keep the "
                 "summary small and put full reports in an artifact (ctx.artifact_path), referenced by URL"
             )
-        async with self.events.transaction() as (conn, bus):
+        async with self.events.single_statement() as (conn, bus):
             await lifecycle.mark_completed(conn, bus, self.experiment_id, summary, self.gpu_hours())
         self.completed = True
         self.ended = True
@@ -147,7 +147,7 @@ async def _run(
     log_fields: dict[str, Any] = {"experiment_id": str(experiment_id)}
 
     try:
-        async with events.transaction() as (conn, bus):
+        async with events.single_statement() as (conn, bus):
             row = await lifecycle.mark_running(conn, bus, experiment_id, WORKER_IDENTITY)
     except InvalidTransitionError as exc:
         logger.info("experiment not started: not queued", extra={**log_fields, "status": exc.current})
@@ -276,7 +276,7 @@ async def _finish(
     backend.ended = True
     if status is not Status.COMPLETED:
         try:
-            async with backend.events.transaction() as (conn, bus):
+            async with backend.events.single_statement() as (conn, bus):
                 await lifecycle.mark_ended(conn, bus, backend.experiment_id, status, message, backend.gpu_hours())
         except InvalidTransitionError as exc:
             # Another terminal write won (results saved at the last moment, or recovery).

@@ -40,41 +40,23 @@ LIMIT $5;
 -- Each transition below is one statement: the guarded UPDATE of the experiment, its status
 -- event numbered in that same UPDATE, and for transitions out of pending, queued or running,
 -- the release of its quota share (iiq.release_quota). Each returns the experiment's row plus
--- event_seq and event_created_at, or no row when the guard did not match.
+-- event_seq and event_created_at. cancel_not_started returns no row when its guard did not
+-- match; mark_running and finish_running, which the runner sends alone, call the functions
+-- of migration 010, which set their own scope, and return NULL event columns and the
+-- experiment's current_status instead.
 
 -- name: mark_running
 -- $2: the status event's payload.
-WITH moved AS (
-    UPDATE iiq.experiments
-    SET status = 'running', started_at = now(), last_event_seq = last_event_seq + 1
-    WHERE id = $1 AND status = 'queued'
-    RETURNING *
-), event AS (
-    INSERT INTO iiq.experiment_events (org_id, experiment_id, seq, event_type, stage, payload)
-    SELECT org_id, id, last_event_seq, 'status', status, $2::jsonb FROM moved
-    RETURNING seq, created_at
-)
-SELECT moved.*, event.seq AS event_seq, event.created_at AS event_created_at FROM moved, event;
+SELECT (t.experiment).*, t.event_seq, t.event_created_at, t.current_status
+FROM iiq.mark_running($1, $2) AS t;
 
 -- name: finish_running
 -- Ends a running experiment as $2 (completed, failed, cancelled or timed_out). $3 is the results
 -- summary of a completed run and $4 the error message of the others. $5 is the run's actual
 -- GPU-hours, charged to the month current at $7 (NULL: the database's now()). $6 is the status
 -- event's payload.
-WITH moved AS (
-    UPDATE iiq.experiments
-    SET status = $2, results_summary = $3, error_message = $4, actual_gpu_hours = $5, finished_at = now(),
-        last_event_seq = last_event_seq + 1
-    WHERE id = $1 AND status = 'running'
-    RETURNING *
-), event AS (
-    INSERT INTO iiq.experiment_events (org_id, experiment_id, seq, event_type, stage, payload)
-    SELECT org_id, id, last_event_seq, 'status', status, $6::jsonb FROM moved
-    RETURNING seq, created_at
-), released AS (
-    SELECT iiq.release_quota(org_id, estimated_gpu_hours, $5::float8, $7::timestamptz) FROM moved
-)
-SELECT moved.*, event.seq AS event_seq, event.created_at AS event_created_at FROM moved, event, released;
+SELECT (t.experiment).*, t.event_seq, t.event_created_at, t.current_status
+FROM iiq.finish_running($1, $2, $3, $4, $5, $6, $7) AS t;
 
 -- name: cancel_not_started
 -- $2: the error message; $3: the status event's payload; nothing is charged ($4 as $7 in
