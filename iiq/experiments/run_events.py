@@ -2,9 +2,9 @@
 
 Every write of a run goes through `RunEvents`: `single_statement()` for the statements that
 commit by themselves, which are all the runner sends, and `transaction()` for a write of
-several statements. In a process that also
-serves streams (`iiq serve`), the committed events go straight to them, and the runner
-watches its experiment's notifications so that a cancel request wakes it at once.
+several statements. In a process that also serves streams (`iiq serve`), the committed
+events go straight to them, and the runner watches its experiment's notifications so that a
+cancel request wakes it at once.
 """
 
 from __future__ import annotations
