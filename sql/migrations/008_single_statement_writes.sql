@@ -8,6 +8,28 @@
 -- set_config(..., true) lasts until the end of the transaction, which for a call sent alone is
 -- the end of the call.
 
+-- The scope of these writes: the caller's, when it set one, or else the org's (API writes) or
+-- the bypass (runner writes), until the end of the transaction.
+CREATE FUNCTION iiq.scope_to_org_unless_scoped(org uuid) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF iiq.current_org() IS NULL AND NOT iiq.rls_bypassed() THEN
+        PERFORM set_config('app.org_id', org::text, true);
+    END IF;
+END
+$$;
+
+CREATE FUNCTION iiq.bypass_unless_scoped() RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF iiq.current_org() IS NULL AND NOT iiq.rls_bypassed() THEN
+        PERFORM set_config('app.rls_bypass', 'true', true);
+    END IF;
+END
+$$;
+
 -- Creates a queued experiment, or nothing when its org's quota has no room. The parameters and
 -- the statement are those documented at `create_experiment` in sql/queries/experiments.sql,
 -- which calls this function. Returns the experiment's row plus queued_event_created_at.
@@ -18,9 +40,7 @@ CREATE FUNCTION iiq.create_experiment(
     LANGUAGE plpgsql
     AS $$
 BEGIN
-    IF iiq.current_org() IS NULL AND NOT iiq.rls_bypassed() THEN
-        PERFORM set_config('app.org_id', $2::text, true);
-    END IF;
+    PERFORM iiq.scope_to_org_unless_scoped($2);
     RETURN QUERY
     WITH clock AS (
         SELECT coalesce($13, now()) AS as_of
@@ -70,9 +90,7 @@ CREATE FUNCTION iiq.append_running_event(experiment uuid, event_type text, stage
     AS $$
 #variable_conflict use_variable
 BEGIN
-    IF iiq.current_org() IS NULL AND NOT iiq.rls_bypassed() THEN
-        PERFORM set_config('app.rls_bypass', 'true', true);
-    END IF;
+    PERFORM iiq.bypass_unless_scoped();
     RETURN QUERY
     WITH next AS (
         UPDATE iiq.experiments AS e
@@ -94,3 +112,4 @@ GRANT EXECUTE ON FUNCTION iiq.create_experiment(
     timestamptz, text, text, jsonb
 ) TO iiq_service;
 GRANT EXECUTE ON FUNCTION iiq.append_running_event(uuid, text, text, jsonb) TO iiq_service;
+GRANT EXECUTE ON FUNCTION iiq.scope_to_org_unless_scoped(uuid), iiq.bypass_unless_scoped() TO iiq_service;

@@ -17,9 +17,7 @@ DECLARE
     v_job_id bigint;
     v_created iiq.experiments;
 BEGIN
-    IF iiq.current_org() IS NULL AND NOT iiq.rls_bypassed() THEN
-        PERFORM set_config('app.org_id', $2::text, true);
-    END IF;
+    PERFORM iiq.scope_to_org_unless_scoped($2);
 
     PERFORM 1 FROM iiq.experiment_quota AS q WHERE q.org_id = $2 AND iiq.quota_has_room(q, $7, v_as_of);
     IF NOT FOUND THEN

@@ -13,9 +13,7 @@ CREATE FUNCTION iiq.mark_running(uuid, jsonb)
     LANGUAGE plpgsql
     AS $$
 BEGIN
-    IF iiq.current_org() IS NULL AND NOT iiq.rls_bypassed() THEN
-        PERFORM set_config('app.rls_bypass', 'true', true);
-    END IF;
+    PERFORM iiq.bypass_unless_scoped();
     RETURN QUERY
     WITH moved AS (
         UPDATE iiq.experiments AS e
@@ -43,9 +41,7 @@ CREATE FUNCTION iiq.finish_running(uuid, text, jsonb, text, double precision, js
     LANGUAGE plpgsql
     AS $$
 BEGIN
-    IF iiq.current_org() IS NULL AND NOT iiq.rls_bypassed() THEN
-        PERFORM set_config('app.rls_bypass', 'true', true);
-    END IF;
+    PERFORM iiq.bypass_unless_scoped();
     RETURN QUERY
     WITH moved AS (
         UPDATE iiq.experiments AS e

@@ -15,6 +15,7 @@ import pytest
 
 from iiq.db.pool import SERVICE_ROLE, connect_admin
 from iiq.db.tx import org_transaction
+from iiq.db.types import Connection
 from iiq.errors import NotFoundError
 from iiq.experiments.create import create_experiment
 from iiq.experiments.events import append_event
@@ -414,23 +415,24 @@ async def test_role_cannot_update_other_org(orgs: TwoOrgs, admin: asyncpg.Connec
 # --- the writes that set their own scope (migration 008) ---
 
 
-def _principal(org_id: uuid.UUID) -> Principal:
-    return Principal(org_id=org_id, key_id=uuid.uuid4(), key_name="test")
+async def _create_for_org_a(conn: Connection, server: Server, orgs: TwoOrgs) -> asyncpg.Record:
+    runtime = server.runtime
+    principal = Principal(org_id=orgs.a.org_id, key_id=uuid.uuid4(), key_name="test")
+    return await create_experiment(
+        conn,
+        runtime.bus,
+        runtime.settings,
+        principal,
+        tool_id="test.sleep",
+        target=SLEEP_TARGET,
+        input_config={"steps": 1},
+        goal=None,
+    )
 
 
 async def test_create_sent_alone_scopes_itself_and_leaves_no_scope(orgs: TwoOrgs, server: Server) -> None:
-    runtime = server.runtime
-    async with runtime.pool.acquire() as conn:
-        row = await create_experiment(
-            conn,
-            runtime.bus,
-            runtime.settings,
-            _principal(orgs.a.org_id),
-            tool_id="test.sleep",
-            target=SLEEP_TARGET,
-            input_config={"steps": 1},
-            goal=None,
-        )
+    async with server.runtime.pool.acquire() as conn:
+        row = await _create_for_org_a(conn, server, orgs)
         # Committed by itself: no transaction is left open, and no org scope outlives it.
         assert not conn.is_in_transaction()
         assert await conn.fetchval("SELECT iiq.current_org()") is None
@@ -446,21 +448,11 @@ async def test_create_in_other_orgs_transaction_writes_nothing(
     count = "SELECT count(*) FROM iiq.experiments WHERE org_id = $1"
     quota = "SELECT active, reserved_gpu_hours FROM iiq.experiment_quota WHERE org_id = $1"
     before = (await admin.fetchval(count, orgs.a.org_id), await admin.fetchrow(quota, orgs.a.org_id))
-    runtime = server.runtime
 
     # The statement does not widen a scope its caller set: org A's rows stay out of reach.
     with pytest.raises(NotFoundError):
-        async with org_transaction(runtime.pool, orgs.b.org_id) as conn:
-            await create_experiment(
-                conn,
-                runtime.bus,
-                runtime.settings,
-                _principal(orgs.a.org_id),
-                tool_id="test.sleep",
-                target=SLEEP_TARGET,
-                input_config={"steps": 1},
-                goal=None,
-            )
+        async with org_transaction(server.runtime.pool, orgs.b.org_id) as conn:
+            await _create_for_org_a(conn, server, orgs)
 
     assert (await admin.fetchval(count, orgs.a.org_id), await admin.fetchrow(quota, orgs.a.org_id)) == before
 
