@@ -74,7 +74,11 @@ async def _create_with_key(
     *,
     reads_first: bool,
 ) -> Response[Experiment]:
-    """Run `create`, at most once per Idempotency-Key; `reads_first` when it reads the org's rows before creating."""
+    """Run `create` at most once per Idempotency-Key; set `reads_first` when `create` reads the org's rows first.
+
+    A create that reads first runs in the request's org-scoped transaction. Any other create
+    without a key is one statement that sets its own scope and commits by itself.
+    """
     if key is not None:
         problem = idempotency.check_key(key)
         if problem is not None:

@@ -18,7 +18,7 @@ reports that its transaction did not commit (`abandon`). A statement that commit
 learns its event's sequence number only with its reply, after the notification may have
 arrived, so its writer declares the write before sending it (`begin_write`): until
 `end_write`, every notification waits, and the feed reads only what the hand-off did not
-bring. The feed holds a gap-free run of sequence numbers: an event handed over while earlier
+bring. The feed contains a gap-free run of sequence numbers: an event handed over while earlier
 ones are missing starts a read from the table instead. A stream that has fallen behind the
 feed's window reads from the table under its own org.
 

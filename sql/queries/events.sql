@@ -14,8 +14,8 @@ RETURNING seq, created_at;
 -- As append_event, but only while the experiment is running, through iiq.append_running_event
 -- (migration 008): the row lock orders it against the terminal transition, so no handler event
 -- can follow the terminal event. Sent alone it is its own transaction. It returns seq and
--- created_at of the new event. When the experiment is not running, seq is NULL and status
--- tells why; when the experiment does not exist, no row.
+-- created_at of the new event. When the experiment is not running, seq is NULL and status is
+-- the experiment's status. When the experiment does not exist, it returns no row.
 SELECT seq, created_at, status FROM iiq.append_running_event($1, $2, $3, $4);
 
 -- name: read_events

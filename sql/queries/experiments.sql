@@ -41,9 +41,9 @@ LIMIT $5;
 -- event numbered in that same UPDATE, and for transitions out of pending, queued or running,
 -- the release of its quota share (iiq.release_quota). Each returns the experiment's row plus
 -- event_seq and event_created_at. cancel_not_started returns no row when its guard did not
--- match; mark_running and finish_running, which the runner sends alone, call the functions
--- of migration 010, which set their own scope, and return NULL event columns and the
--- experiment's current_status instead.
+-- match. The runner sends mark_running and finish_running alone. They call the functions of
+-- migration 010, which set their own scope. When the guard did not match, they return NULL
+-- event columns and the experiment's current_status.
 
 -- name: mark_running
 -- $2: the status event's payload.

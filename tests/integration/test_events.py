@@ -188,7 +188,7 @@ async def _lock_waits(observer: Any) -> int:
     return count
 
 
-async def test_stream_dropped_during_its_read_lets_the_read_finish(
+async def test_dropped_stream_finishes_its_read(
     server: Server, tenant: Tenant, caplog: pytest.LogCaptureFixture
 ) -> None:
     hub = server.runtime.hub

@@ -104,15 +104,13 @@ async def _wait_for_a_lock_wait(database_url: str) -> None:
     raise AssertionError("no backend waited for a lock within 10 s")
 
 
-async def test_create_that_loses_the_last_room_leaves_nothing(
-    server: Server, tenant_factory: Any, database_url: str
-) -> None:
+async def test_create_losing_last_room_leaves_nothing(server: Server, tenant_factory: Any, database_url: str) -> None:
     tenant = await tenant_factory(monthly_gpu_hours=100.0, max_concurrent=1)
     principal = Principal(org_id=tenant.org_id, key_id=tenant.key_id, key_name="test")
     pool = server.runtime.pool
     async with pool.acquire() as first, pool.acquire() as second:
         async with scoped_transaction(first, tenant.org_id):
-            # The first create takes the only room and holds the org's quota row until it commits.
+            # The first create takes the only room and keeps the org's quota row locked until it commits.
             await _create_costing_half(first, server, principal, None)
             # The second finds room in its check without a lock, writes its rows, then waits
             # for the quota row.

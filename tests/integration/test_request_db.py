@@ -22,7 +22,7 @@ def _free(pool: asyncpg.Pool) -> int:
     return pool.get_idle_size() + (pool.get_max_size() - pool.get_size())
 
 
-async def test_one_connection_serves_the_lookup_and_the_route(server: Server, tenant: Tenant) -> None:
+async def test_lookup_and_route_share_connection(server: Server, tenant: Tenant) -> None:
     db = RequestDb(server.runtime)
     unscoped = await db.connection()
     scoped = await db.scoped(tenant.org_id)
@@ -32,7 +32,7 @@ async def test_one_connection_serves_the_lookup_and_the_route(server: Server, te
     await db.close(None)
 
 
-async def test_request_transaction_commits_when_the_request_succeeds(server: Server, tenant: Tenant) -> None:
+async def test_request_success_commits(server: Server, tenant: Tenant) -> None:
     pool = server.runtime.pool
     free = _free(pool)
     dependency = provide_db(server.runtime)
@@ -47,7 +47,7 @@ async def test_request_transaction_commits_when_the_request_succeeds(server: Ser
     assert _free(pool) == free
 
 
-async def test_request_transaction_rolls_back_when_the_request_fails(server: Server, tenant: Tenant) -> None:
+async def test_request_failure_rolls_back(server: Server, tenant: Tenant) -> None:
     pool = server.runtime.pool
     before = await _name(pool, tenant.org_id)
     free = _free(pool)
@@ -64,7 +64,7 @@ async def test_request_transaction_rolls_back_when_the_request_fails(server: Ser
     assert _free(pool) == free
 
 
-async def test_request_transaction_aborted_at_commit_raises_and_releases(server: Server, tenant: Tenant) -> None:
+async def test_aborted_commit_raises_and_releases(server: Server, tenant: Tenant) -> None:
     pool = server.runtime.pool
     free = _free(pool)
     db = RequestDb(server.runtime)
@@ -81,7 +81,7 @@ async def test_request_transaction_aborted_at_commit_raises_and_releases(server:
         assert not fresh.is_in_transaction()
 
 
-async def test_request_without_a_statement_takes_no_connection(server: Server) -> None:
+async def test_unused_request_takes_no_connection(server: Server) -> None:
     pool = server.runtime.pool
     free = _free(pool)
     db = RequestDb(server.runtime)

@@ -430,7 +430,7 @@ async def _create_for_org_a(conn: Connection, server: Server, orgs: TwoOrgs) -> 
     )
 
 
-async def test_create_sent_alone_scopes_itself_and_leaves_no_scope(orgs: TwoOrgs, server: Server) -> None:
+async def test_create_alone_leaves_no_scope(orgs: TwoOrgs, server: Server) -> None:
     async with server.runtime.pool.acquire() as conn:
         row = await _create_for_org_a(conn, server, orgs)
         # Committed by itself: no transaction is left open, and no org scope outlives it.
@@ -442,7 +442,7 @@ async def test_create_sent_alone_scopes_itself_and_leaves_no_scope(orgs: TwoOrgs
     await wait_for_status(orgs.a, str(row["id"]), TERMINAL)
 
 
-async def test_create_in_other_orgs_transaction_writes_nothing(
+async def test_create_in_other_org_scope_writes_nothing(
     orgs: TwoOrgs, server: Server, admin: asyncpg.Connection
 ) -> None:
     count = "SELECT count(*) FROM iiq.experiments WHERE org_id = $1"
@@ -457,9 +457,7 @@ async def test_create_in_other_orgs_transaction_writes_nothing(
     assert (await admin.fetchval(count, orgs.a.org_id), await admin.fetchrow(quota, orgs.a.org_id)) == before
 
 
-async def test_emit_in_other_orgs_transaction_writes_nothing(
-    orgs: TwoOrgs, server: Server, admin: asyncpg.Connection
-) -> None:
+async def test_emit_in_other_org_scope_writes_nothing(orgs: TwoOrgs, server: Server, admin: asyncpg.Connection) -> None:
     running_id = uuid.UUID(orgs.running_id)
 
     with pytest.raises(LookupError):

@@ -149,7 +149,7 @@ class _FailingPool:
         raise OSError("connection lost")
 
 
-def test_notification_during_own_statement_waits_for_its_hand_off() -> None:
+def test_own_write_notification_awaits_handoff() -> None:
     feed, wakes = _feed(), _Wakes()
     feed.offer(_event(1), wakes)
     feed.begin_write()
@@ -163,7 +163,7 @@ def test_notification_during_own_statement_waits_for_its_hand_off() -> None:
     assert _seqs(feed.events_after(0)) == [1, 2]
 
 
-async def test_notification_of_another_writer_during_own_statement_is_read_after_it() -> None:
+async def test_other_write_read_after_own_write() -> None:
     pool = _FailingPool()
     feed, wakes = Feed(EXPERIMENT, pool, capacity=512), _Wakes()  # type: ignore[arg-type]
     feed.offer(_event(1), wakes)
@@ -180,7 +180,7 @@ async def test_notification_of_another_writer_during_own_statement_is_read_after
     assert pool.reads == 1
 
 
-async def test_notification_during_own_statement_that_failed_is_read() -> None:
+async def test_failed_own_write_reads_notification() -> None:
     pool = _FailingPool()
     feed, wakes = Feed(EXPERIMENT, pool, capacity=512), _Wakes()  # type: ignore[arg-type]
     feed.offer(_event(1), wakes)

@@ -116,7 +116,7 @@ async def test_own_events_are_not_news() -> None:
     assert await _woken(events, 0.01) is False
 
 
-async def test_own_event_notified_before_its_statement_returns_is_not_news() -> None:
+async def test_early_own_notification_not_news() -> None:
     events, streams = _watched()
 
     async with events.single_statement() as (conn, bus):
@@ -129,7 +129,7 @@ async def test_own_event_notified_before_its_statement_returns_is_not_news() -> 
     assert await _woken(events, 0.01) is False
 
 
-async def test_other_event_notified_during_own_statement_is_news() -> None:
+async def test_other_event_during_write_is_news() -> None:
     events, streams = _watched()
 
     async with events.single_statement() as (conn, bus):
@@ -139,7 +139,7 @@ async def test_other_event_notified_during_own_statement_is_news() -> None:
     assert await _woken(events, 0.2) is True
 
 
-async def test_notification_during_failed_statement_is_news() -> None:
+async def test_failed_write_notification_is_news() -> None:
     events, streams = _watched()
 
     try:
