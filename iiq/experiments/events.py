@@ -1,12 +1,13 @@
 """Storing experiment events and announcing them.
 
 `append_event` and the lifecycle transitions write the rows. A trigger on the events table
-(sql/migrations/007_notify_events.sql) sends one ``pg_notify`` per row, carrying only
-``<experiment_id>:<seq>``: payloads can exceed NOTIFY's 7999-byte limit, and NOTIFY bypasses
-row-level security, so listeners re-read rows under their own org. The notification is
-delivered when the transaction commits, with the row. Writers still pass each stored event
-to an `EventBus`, which is where a process hands its own events to its own streams, and
-where tests record them.
+(migrations 007 and 011) sends one ``pg_notify`` per row after the create's first two, which
+commit before anyone can follow the experiment. It carries only ``<experiment_id>:<seq>``:
+payloads can exceed NOTIFY's 7999-byte limit, and NOTIFY bypasses row-level security, so
+listeners re-read rows under their own org. The notification is delivered when the
+transaction commits, with the row. Writers still pass each stored event to an `EventBus`,
+which is where a process hands its own events to its own streams, and where tests record
+them.
 
 A process that both writes events and serves their streams (`iiq serve` with its worker)
 need not wait for its own notification: the runner hands each stored event to the bus's

@@ -11,8 +11,9 @@ import pytest
 
 from iiq.api.stream import _follow
 from iiq.db.pool import connect_admin
+from iiq.db.tx import service_transaction
 from iiq.experiments import metrics
-from iiq.experiments.events import append_event
+from iiq.experiments.events import EVENTS_CHANNEL, append_event
 from iiq.orgs import Principal
 from iiq.runtime import LISTEN_APPLICATION_NAME
 from tests.conftest import Server, Tenant
@@ -226,3 +227,24 @@ async def test_dropped_stream_finishes_its_read(
     finally:
         await locker.close()
         await observer.close()
+
+
+async def test_only_events_after_create_notify(server: Server, tenant: Tenant) -> None:
+    listener = await connect_admin(server.runtime.dsn)
+    notified: list[str] = []
+    try:
+        await listener.add_listener(EVENTS_CHANNEL, lambda *args: notified.append(args[-1]))
+        experiment_id = await create_unqueued(
+            server.runtime.pool, server.settings, tenant.org_id, "test.sleep", {"steps": 1}
+        )
+        async with service_transaction(server.runtime.pool) as conn:
+            await append_event(conn, experiment_id, "note", "after create", {}, max_payload_bytes=1000)
+        for _ in range(500):
+            if any(payload.startswith(str(experiment_id)) for payload in notified):
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await listener.close()
+
+    # The create's pending and queued events commit before anyone can follow the experiment.
+    assert [payload for payload in notified if payload.startswith(str(experiment_id))] == [f"{experiment_id}:3"]
