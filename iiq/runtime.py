@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -102,6 +103,7 @@ async def open_runtime(
             await runtime.hub.start()
         runtime.queue = tasks.build_queue_app(runtime)
         async with runtime.queue.open_async():
+            _freeze_startup_objects()
             yield runtime
     finally:
         if runtime.hub is not None:
@@ -111,6 +113,17 @@ async def open_runtime(
             # uvicorn re-raises SIGTERM once it has shut down, so exit handlers never run:
             # release the embedded server here, which stops it if this was its last user.
             await asyncio.to_thread(stop_embedded, settings.data_dir)
+
+
+def _freeze_startup_objects() -> None:
+    """Move the objects that start-up created out of the garbage collector's scans.
+
+    Modules, the app and the pools live as long as the process. Left in the oldest generation,
+    every full collection scanned them all: pauses of 110 to 177 ms in `iiq serve` with 1,000
+    open streams, each one delaying the events of every stream.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 async def run_worker(runtime: Runtime, *, stop: asyncio.Event) -> None:

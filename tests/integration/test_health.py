@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +14,7 @@ from litestar import Litestar
 
 from iiq.api.app import create_app
 from iiq.settings import Settings
-from tests.conftest import free_port, serving
+from tests.conftest import Server, free_port, serving
 
 
 @pytest.fixture
@@ -74,3 +75,8 @@ async def test_not_ready_without_postgres(app_client: tuple[Litestar, Any]) -> N
     assert ready.status_code == 503
     assert ready.json()["checks"]["postgres"].startswith("failed")
     assert live.status_code == 200
+
+
+async def test_startup_objects_frozen(server: Server) -> None:
+    # Full collections skip what start-up created (see iiq.runtime._freeze_startup_objects).
+    assert gc.get_freeze_count() > 0
