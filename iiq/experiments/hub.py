@@ -37,6 +37,9 @@ class Subscription:
         # A wake-up that no `wait` has taken yet; a wake-up before the wait is kept here.
         self._woken = False
         self._waiter: asyncio.Future[bool] | None = None
+        # When the pending wait times out (loop time), and the timer that checks it.
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         # Set when the process shuts down: the stream should end now.
         self.closed = False
 
@@ -49,24 +52,48 @@ class Subscription:
     async def wait(self, timeout: float) -> bool:
         """Wait for a wake-up; False when `timeout` seconds passed without one.
 
-        One future and one timer handle per wait: `asyncio.wait_for` would add a task per
-        wait, and every stream of an experiment waits again after each of its events.
+        One future per wait, and no timer of its own: `asyncio.wait_for` would add a task per
+        wait, and every stream of an experiment waits again after each of its events. The
+        subscription's one timer stays armed from wait to wait. When it fires before the
+        current wait's deadline, it re-arms for the rest.
         """
         if not self._woken:
             loop = asyncio.get_running_loop()
             waiter: asyncio.Future[bool] = loop.create_future()
-            timer = loop.call_later(timeout, _expire, waiter)
+            self._deadline = loop.time() + timeout
+            if self._timer is None or self._timer.when() > self._deadline:
+                self._arm(loop, self._deadline)
             self._waiter = waiter
             try:
                 if not await waiter:
                     return False
             finally:
-                timer.cancel()
                 self._waiter = None
         self._woken = False
         return True
 
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(when, self._check_deadline, loop)
+
+    def _check_deadline(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # no wait pending: the next wait arms the timer again
+        if loop.time() < self._deadline:
+            self._arm(loop, self._deadline)
+            return
+        waiter.set_result(False)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def close(self) -> None:
+        self._disarm()
         self.hub.unsubscribe(self)
 
 
@@ -271,8 +298,3 @@ def _waker(feed: Feed) -> Callable[[], None]:
             subscription.notify()
 
     return wake
-
-
-def _expire(waiter: asyncio.Future[bool]) -> None:
-    if not waiter.done():
-        waiter.set_result(False)

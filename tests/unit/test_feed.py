@@ -264,6 +264,65 @@ async def test_subscription_cancelled_wait_keeps_later_wake() -> None:
     assert await subscription.wait(0.01) is True
 
 
+async def test_subscription_one_timer_across_waits() -> None:
+    subscription = _subscription()
+    waiting = asyncio.create_task(subscription.wait(5))
+    await asyncio.sleep(0)
+    timer = subscription._timer
+    subscription.notify()
+    assert await waiting is True
+
+    waiting = asyncio.create_task(subscription.wait(5))
+    await asyncio.sleep(0)
+
+    # 1,000 streams of one experiment wait again after every event: no timer per wait.
+    assert timer is not None
+    assert subscription._timer is timer
+    subscription.notify()
+    assert await waiting is True
+
+
+async def test_subscription_timeout_counts_from_each_wait() -> None:
+    subscription = _subscription()
+    loop = asyncio.get_running_loop()
+    waiting = asyncio.create_task(subscription.wait(0.1))
+    await asyncio.sleep(0.05)
+    subscription.notify()
+    assert await waiting is True
+
+    started = loop.time()
+    woken = await subscription.wait(0.1)
+
+    # The timer armed by the first wait fires during this one, and re-arms for the rest.
+    assert woken is False
+    assert loop.time() - started >= 0.09
+
+
+async def test_subscription_shorter_wait_rearms_sooner() -> None:
+    subscription = _subscription()
+    waiting = asyncio.create_task(subscription.wait(60))
+    await asyncio.sleep(0)
+    subscription.notify()
+    assert await waiting is True
+
+    woken = await asyncio.wait_for(subscription.wait(0.01), 1)
+
+    assert woken is False
+
+
+async def test_subscription_close_cancels_timer() -> None:
+    subscription = _subscription()
+    waiting = asyncio.create_task(subscription.wait(60))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+    subscription.close()
+
+    assert subscription._timer is None
+
+
 def test_hub_watchers_of_one_experiment_are_independent() -> None:
     hub = EventHub(_never_connect)
     first: list[int | None] = []
