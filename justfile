@@ -8,7 +8,7 @@ demo:
 test *ARGS:
     python3 dev.py test {{ARGS}}
 
-# Run the benchmark (about 15 minutes) and write BENCHMARKS.md; `just bench --smoke` only checks that it runs.
+# Run the benchmark (about 10 minutes) and write BENCHMARKS.md; `just bench --smoke` only checks that it runs.
 bench *ARGS:
     python3 dev.py python -m tests.bench.run {{ARGS}}
 
