@@ -201,15 +201,21 @@ def _subscription() -> Subscription:
     return EventHub(_never_connect).subscribe(EXPERIMENT)
 
 
+async def _timed_wait(subscription: Subscription, timeout: float) -> tuple[bool, float]:
+    """Return what `subscription.wait(timeout)` returned and the seconds it took."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    woken = await subscription.wait(timeout)
+    return woken, loop.time() - started
+
+
 async def test_subscription_wait_times_out() -> None:
     subscription = _subscription()
-    loop = asyncio.get_running_loop()
 
-    started = loop.time()
-    woken = await subscription.wait(0.05)
+    woken, elapsed = await _timed_wait(subscription, 0.05)
 
     assert woken is False
-    assert loop.time() - started >= 0.04
+    assert elapsed >= 0.04
 
 
 async def test_subscription_wake_before_wait_is_kept() -> None:
@@ -251,14 +257,19 @@ async def test_subscription_wake_racing_timeout_is_not_lost() -> None:
     assert first or await subscription.wait(0.01)
 
 
-async def test_subscription_cancelled_wait_keeps_later_wake() -> None:
-    subscription = _subscription()
-    waiting = asyncio.create_task(subscription.wait(5))
+async def _cancel_a_wait(subscription: Subscription, timeout: float) -> None:
+    """Start `subscription.wait(timeout)` in a task, then cancel it, as a disconnecting client does."""
+    waiting = asyncio.create_task(subscription.wait(timeout))
     await asyncio.sleep(0)
-
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
+
+
+async def test_subscription_cancelled_wait_keeps_later_wake() -> None:
+    subscription = _subscription()
+
+    await _cancel_a_wait(subscription, 5)
     subscription.notify()
 
     assert await subscription.wait(0.01) is True
@@ -282,28 +293,28 @@ async def test_subscription_one_timer_across_waits() -> None:
     assert await waiting is True
 
 
+async def _wake_a_wait(subscription: Subscription, timeout: float, after: float) -> bool:
+    """Start `subscription.wait(timeout)`, wake it `after` seconds later, and return what it returned."""
+    waiting = asyncio.create_task(subscription.wait(timeout))
+    await asyncio.sleep(after)
+    subscription.notify()
+    return await waiting
+
+
 async def test_subscription_timeout_counts_from_each_wait() -> None:
     subscription = _subscription()
-    loop = asyncio.get_running_loop()
-    waiting = asyncio.create_task(subscription.wait(0.1))
-    await asyncio.sleep(0.05)
-    subscription.notify()
-    assert await waiting is True
+    assert await _wake_a_wait(subscription, 0.1, after=0.05) is True
 
-    started = loop.time()
-    woken = await subscription.wait(0.1)
+    woken, elapsed = await _timed_wait(subscription, 0.1)
 
     # The timer armed by the first wait fires during this one, and re-arms for the rest.
     assert woken is False
-    assert loop.time() - started >= 0.09
+    assert elapsed >= 0.09
 
 
 async def test_subscription_shorter_wait_rearms_sooner() -> None:
     subscription = _subscription()
-    waiting = asyncio.create_task(subscription.wait(60))
-    await asyncio.sleep(0)
-    subscription.notify()
-    assert await waiting is True
+    assert await _wake_a_wait(subscription, 60, after=0) is True
 
     woken = await asyncio.wait_for(subscription.wait(0.01), 1)
 
@@ -312,11 +323,7 @@ async def test_subscription_shorter_wait_rearms_sooner() -> None:
 
 async def test_subscription_close_cancels_timer() -> None:
     subscription = _subscription()
-    waiting = asyncio.create_task(subscription.wait(60))
-    await asyncio.sleep(0)
-    waiting.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiting
+    await _cancel_a_wait(subscription, 60)
 
     subscription.close()
 
