@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 # Names the LISTEN connection in pg_stat_activity, for operators and tests.
 LISTEN_APPLICATION_NAME = "iiq-listen"
 # Collections of the middle generation before a full collection is considered (Python's
-# default is 10). See `_freeze_startup_objects`.
+# default is 10). See `_tune_garbage_collector`.
 FULL_COLLECTION_EVERY = 100
 
 
@@ -106,7 +106,7 @@ async def open_runtime(
             await runtime.hub.start()
         runtime.queue = tasks.build_queue_app(runtime)
         async with runtime.queue.open_async():
-            _freeze_startup_objects()
+            _tune_garbage_collector()
             yield runtime
     finally:
         if runtime.hub is not None:
@@ -118,7 +118,7 @@ async def open_runtime(
             await asyncio.to_thread(stop_embedded, settings.data_dir)
 
 
-def _freeze_startup_objects() -> None:
+def _tune_garbage_collector() -> None:
     """Move the objects of start-up out of the garbage collector's scans, and make full collections rarer.
 
     Modules, the app and the pools live as long as the process. Left in the oldest generation,

@@ -78,8 +78,8 @@ async def test_not_ready_without_postgres(app_client: tuple[Litestar, Any]) -> N
     assert live.status_code == 200
 
 
-async def test_startup_objects_frozen(server: Server) -> None:
+async def test_garbage_collector_tuned(server: Server) -> None:
     # Full collections skip what start-up created, and run less often than Python's default
-    # (see iiq.runtime._freeze_startup_objects).
+    # (see iiq.runtime._tune_garbage_collector).
     assert gc.get_freeze_count() > 0
     assert gc.get_threshold()[2] == FULL_COLLECTION_EVERY
