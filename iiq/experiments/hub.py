@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
+# A subscription's timer that fires this close to the wait's deadline ends the wait. uvloop's
+# clock moves in whole milliseconds, so its timers can fire just before the time they were set for.
+_TIMER_SLACK_SECONDS = 0.002
+
 
 class Subscription:
     def __init__(self, hub: EventHub, feed: Feed) -> None:
@@ -82,7 +86,7 @@ class Subscription:
         waiter = self._waiter
         if waiter is None or waiter.done():
             return  # no wait pending: the next wait arms the timer again
-        if loop.time() < self._deadline:
+        if self._deadline - loop.time() > _TIMER_SLACK_SECONDS:
             self._arm(loop, self._deadline)
             return
         waiter.set_result(False)

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+import uvloop
 
 from iiq.experiments.events import StoredEvent
 from iiq.experiments.feed import Feed
@@ -319,6 +320,30 @@ async def test_subscription_shorter_wait_rearms_sooner() -> None:
     woken = await asyncio.wait_for(subscription.wait(0.01), 1)
 
     assert woken is False
+
+
+def test_subscription_timeout_fires_once_under_uvloop() -> None:
+    async def count_deadline_checks(waits: int) -> int:
+        subscription = _subscription()
+        check = subscription._check_deadline
+        calls = 0
+
+        def counting(loop: asyncio.AbstractEventLoop) -> None:
+            nonlocal calls
+            calls += 1
+            check(loop)
+
+        # The timer is armed with the bound method looked up on the instance, so this counts every firing.
+        subscription._check_deadline = counting  # type: ignore[method-assign]
+        for _ in range(waits):
+            assert await subscription.wait(0.05) is False
+        return calls
+
+    calls = uvloop.run(count_deadline_checks(20))
+
+    # uvloop's clock moves in whole milliseconds, so a timer may fire just before its deadline.
+    # Re-arming for that remainder made the timer fire about 19 times per wait.
+    assert calls <= 25
 
 
 async def test_subscription_close_cancels_timer() -> None:
