@@ -91,13 +91,10 @@ class Subscription:
             return
         waiter.set_result(False)
 
-    def _disarm(self) -> None:
+    def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-    def close(self) -> None:
-        self._disarm()
         self.hub.unsubscribe(self)
 
 

@@ -322,7 +322,7 @@ async def test_subscription_shorter_wait_rearms_sooner() -> None:
     assert woken is False
 
 
-def test_subscription_timeout_fires_once_under_uvloop() -> None:
+def test_subscription_uvloop_timer_does_not_spin() -> None:
     async def count_deadline_checks(waits: int) -> int:
         subscription = _subscription()
         check = subscription._check_deadline
